@@ -1,0 +1,75 @@
+"""``shard-oracle``: serve the OpenAI-compatible API, or generate locally for a quick check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shard_common.settings import add_option, setup_logging
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    add_option(p, "--model", default=None, help="GGUF file or Hugging Face folder; the bundled SmolLM2-135M when unset")
+    add_option(p, "--backend", default="quant", choices=["quant", "dense"],
+               help="quant: 4/8-bit kernels with bf16 activations (fast); dense: fp32 reference")
+    add_option(p, "--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
+               help="quantize a Hugging Face checkpoint at load time")
+    add_option(p, "--kv-budget-gb", default=2.0, type=float, help="memory for KV caches")
+    add_option(p, "--log-level", default="warning", help="debug, info, warning, error")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from oracle.engine.local import build_local_model
+    from oracle.engine.sampler import SamplingParams
+    from oracle.engine.sequence import Sequence
+
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize)
+    tok = local.tokenizer
+    ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or []
+    )
+    seq = Sequence(ids, params, tok, local.engine.context_length)
+    for _, event in local.engine.generate([seq]):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{len(seq.output)} tokens, finish_reason={seq.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shard-oracle",
+        description="The Shard Oracle: an OpenAI-compatible API over a swarm of Scouts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate locally from a prompt and stream it to the terminal")
+    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
+    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    add_model_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from oracle.api.cli import add_serve_command
+    except ImportError:
+        pass
+    else:
+        add_serve_command(sub, add_model_options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""What the engine needs from "the blocks": today one local span, later a chain of Scouts."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shard_common.model.span import Span, SpanRequest
+
+
+class Pipeline(Protocol):
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor: ...
+
+    def rollback(self, session: str, length: int) -> None: ...
+
+    def fork(self, source: str, target: str) -> None: ...
+
+    def free(self, session: str) -> None: ...
+
+
+class LocalPipeline:
+    """All blocks in this process."""
+
+    def __init__(self, span: Span):
+        self.span = span
+
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        return self.span.forward(hidden, requests)
+
+    def rollback(self, session: str, length: int) -> None:
+        self.span.rollback(session, length)
+
+    def fork(self, source: str, target: str) -> None:
+        self.span.kv.fork(source, target)
+
+    def free(self, session: str) -> None:
+        self.span.free(session)

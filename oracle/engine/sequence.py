@@ -1,0 +1,73 @@
+"""One generated sequence (one choice of one request) and what it produced."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from shard_common.tokenizer import Tokenizer
+
+from .detokenizer import TextAssembler
+from .sampler import SamplingParams, SequenceSampler, TokenChoice
+
+_ids = itertools.count()
+
+
+@dataclass
+class TokenEvent:
+    """What one step produced for one sequence."""
+
+    choice: TokenChoice
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    context_length: int
+    session: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    # Another sequence whose cache, once its prompt is in, this one copies instead of prefilling.
+    share_prefill_with: "Sequence | None" = None
+
+    def __post_init__(self) -> None:
+        self.tokens: list[int] = list(self.prompt_ids)
+        self.cached = 0
+        self.output: list[TokenChoice] = []
+        self.sampler = SequenceSampler(self.params, self.tokenizer.vocab_size)
+        self.assembler = TextAssembler(self.tokenizer, self.params.stop)
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the KV cache (the prompt's rest, or the last sampled token)."""
+        return len(self.tokens) - self.cached
+
+    @property
+    def text(self) -> str:
+        return self.assembler.text
+
+    def append(self, choice: TokenChoice) -> TokenEvent:
+        token = choice.token
+        self.output.append(choice)
+        is_stop_token = token in self.tokenizer.stop_ids and not self.params.ignore_eos
+        if is_stop_token:
+            self.finish_reason = "stop"
+            return TokenEvent(choice, self.assembler.flush(), "stop")
+        self.tokens.append(token)
+        text = self.assembler.push(token)
+        if self.assembler.stopped:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.params.max_tokens or len(self.tokens) >= self.context_length:
+            self.finish_reason = "length"
+            text += self.assembler.flush()
+        return TokenEvent(choice, text, self.finish_reason)
+
+    def abort(self, reason: str) -> None:
+        self.finish_reason = reason

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything (with the test extras) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+exec python -m pytest "$@"

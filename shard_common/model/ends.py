@@ -1,0 +1,35 @@
+"""The two ends of the model the Oracle keeps: token embedding, and final norm + LM head."""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import rms_norm
+from .linear import make_linear
+from .runtime import Runtime
+from .weights import ModelWeights
+
+
+class ModelEnds:
+    def __init__(self, weights: ModelWeights, runtime: Runtime):
+        tensors = weights.ends()
+        self.config = weights.config
+        self.runtime = runtime
+        # The embedding stays in stored form; a step only dequantizes the rows it looks up.
+        self.embedding = tensors["token_embd"]
+        self.norm = tensors["output_norm"].dequantize().to(runtime.device)
+        self.head = make_linear(tensors["output"], None, runtime.device, runtime.dtype, runtime.dense, "output")
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long).cpu().numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embedding.rows):
+            raise ValueError(f"token id out of range [0, {self.embedding.rows})")
+        rows = self.embedding.take_rows(ids).dequantize()
+        return rows.to(device=self.runtime.device, dtype=self.runtime.dtype)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [T, vocab] for hidden states [T, d_model]."""
+        h = rms_norm(hidden.to(self.runtime.dtype), self.norm, self.config.norm_eps)
+        return self.head(h).float()

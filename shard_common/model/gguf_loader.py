@@ -1,0 +1,100 @@
+"""Read a Llama-family GGUF file into ``ModelWeights`` (tensors stay quantized)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .qtensor import QTensor
+from .weights import ModelWeights, TokenizerSpec
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's converter permutes the rows of attn_q/attn_k for these architectures so that its
+# interleaved RoPE works; we undo that once here and use half-split RoPE everywhere.
+PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
+    """Row order that turns llama.cpp's interleaved q/k layout back into the half-split one."""
+    head_dim = rows // n_heads
+    return np.arange(rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def read_config(reader: GGUFReader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    d_model = int(_field(reader, f"{arch}.embedding_length"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    has_bias = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+    return ModelConfig(
+        architecture=arch,
+        n_layers=int(_field(reader, f"{arch}.block_count")),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        context_length=int(_field(reader, f"{arch}.context_length", 2048)),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", d_model // n_heads)),
+        tie_embeddings=not has_output,
+        qkv_bias=has_bias,
+    )
+
+
+def read_tokenizer(reader: GGUFReader) -> TokenizerSpec:
+    model = _field(reader, "tokenizer.ggml.model", "gpt2")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    eom = _field(reader, "tokenizer.ggml.eom_token_id")
+    return TokenizerSpec(
+        model=model,
+        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        merges=list(_field(reader, "tokenizer.ggml.merges", [])),
+        scores=[float(s) for s in _field(reader, "tokenizer.ggml.scores", [])],
+        token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type", [])],
+        pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=eos,
+        extra_stop_ids=sorted({int(t) for t in (eot, eom) if t is not None and t != eos}),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )
+
+
+def load_gguf(path: str | Path) -> ModelWeights:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader = GGUFReader(str(path))
+    config = read_config(reader)
+    tensors: dict[str, QTensor] = {}
+    for t in reader.tensors:
+        # GGUF lists dimensions fastest-first; ours are (rows, cols).
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = np.asarray(t.data)
+        if data.ndim == 1 and len(shape) == 2 and t.tensor_type.name in ("F32", "F16", "BF16"):
+            data = data.reshape(shape)
+        tensors[t.name] = QTensor(t.tensor_type, shape, data)
+    if config.architecture in PERMUTED_QK_ARCHITECTURES:
+        for i in range(config.n_layers):
+            for name, heads in (("attn_q", config.n_heads), ("attn_k", config.n_kv_heads)):
+                key = f"blk.{i}.{name}.weight"
+                tensors[key] = tensors[key].take_rows(unpermute_rows(heads, tensors[key].rows))
+    name = _field(reader, "general.name") or path.stem
+    log.info("loaded %s: %s, %d blocks, %d tensors", path.name, config.architecture, config.n_layers, len(tensors))
+    return ModelWeights(config=config, tensors=tensors, tokenizer=read_tokenizer(reader), name=name)

@@ -1,0 +1,135 @@
+"""Plain tensor code for one Llama-family transformer block (gpt-fast style).
+
+A block works on a ragged batch: the hidden states of every session's new tokens are
+concatenated along the first axis ([T, d_model]); the projections run once over all of them,
+and only attention runs per session, against that session's own KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import SessionCache
+from .linear import make_linear
+from .qtensor import QTensor
+
+
+@dataclass
+class SeqSlice:
+    """One session's share of a ragged batch: ``n`` new tokens at positions [start, start + n)."""
+
+    cache: SessionCache
+    start: int
+    n: int
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+class RotaryTable:
+    """cos/sin for half-split RoPE, computed once per forward for all blocks."""
+
+    def __init__(self, head_dim: int, base: float, max_positions: int, dtype: torch.dtype, device: torch.device):
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos = angles.cos().to(dtype=dtype, device=device)
+        self.sin = angles.sin().to(dtype=dtype, device=device)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [T, 1, head_dim] so they broadcast over heads.
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def fused_linear(parts: list[QTensor], biases: list[QTensor | None], device, dtype, dense: bool, name: str):
+    """One layer computing several projections of the same input (q|k|v, gate|up): one kernel
+    call instead of several, which matters because decode at batch 1 is dominated by op overhead."""
+    weight = QTensor.concat_rows(parts)
+    bias = None
+    if any(b is not None for b in biases):
+        bias = QTensor.from_dense(
+            torch.cat([b.dequantize() if b is not None else torch.zeros(p.rows) for p, b in zip(parts, biases)])
+        )
+    return make_linear(weight, bias, device, dtype, dense=dense, name=name)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], device, dtype, dense: bool, index: int):
+        super().__init__()
+        self.config = config
+        self.index = index
+        name = f"blk.{index}"
+        self.attn_norm = tensors["attn_norm"].dequantize().to(device)
+        self.ffn_norm = tensors["ffn_norm"].dequantize().to(device)
+        qkv = [tensors["attn_q"], tensors["attn_k"], tensors["attn_v"]]
+        if len({t.qtype for t in qkv}) == 1:
+            self.qkv = fused_linear(qkv, [tensors.get(f"{n}.bias") for n in ("attn_q", "attn_k", "attn_v")], device, dtype, dense, name)
+        else:
+            self.qkv = ConcatLinear([
+                make_linear(tensors[n], tensors.get(f"{n}.bias"), device, dtype, dense, name) for n in ("attn_q", "attn_k", "attn_v")
+            ])
+        self.wo = make_linear(tensors["attn_output"], None, device, dtype, dense, name)
+        gate_up = [tensors["ffn_gate"], tensors["ffn_up"]]
+        if gate_up[0].qtype == gate_up[1].qtype:
+            self.gate_up = fused_linear(gate_up, [None, None], device, dtype, dense, name)
+        else:
+            self.gate_up = ConcatLinear([make_linear(t, None, device, dtype, dense, name) for t in gate_up])
+        self.down = make_linear(tensors["ffn_down"], None, device, dtype, dense, name)
+        self.group = config.n_heads // config.n_kv_heads
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, seqs: list[SeqSlice]) -> torch.Tensor:
+        cfg = self.config
+        hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
+        outs = []
+        offset = 0
+        for s in seqs:
+            n, end = s.n, s.start + s.n
+            kc, vc = s.cache.k[layer], s.cache.v[layer]
+            kc[:, s.start:end] = k[offset:offset + n].transpose(0, 1)
+            vc[:, s.start:end] = v[offset:offset + n].transpose(0, 1)
+            # Grouped-query attention without repeating K/V: the query heads sharing one KV head
+            # are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries each.
+            qs = q[offset:offset + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
+            mask = None
+            if n > 1:
+                key_pos = torch.arange(end, device=q.device)
+                query_pos = torch.arange(s.start, end, device=q.device)
+                mask = (key_pos[None, :] <= query_pos[:, None]).repeat(g, 1)
+            o = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end], attn_mask=mask)
+            outs.append(o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim))
+            offset += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
+        cfg = self.config
+        t = h.shape[0]
+        qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps))
+        q, k, v = qkv.split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q = apply_rope(q.view(t, cfg.n_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(t, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        h = h + self.wo(self.attention(q, k, v.view(t, cfg.n_kv_heads, cfg.head_dim), layer, seqs))
+        gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps)).split([cfg.ffn_dim, cfg.ffn_dim], dim=-1)
+        return h + self.down(F.silu(gate) * up)
+
+
+class ConcatLinear(torch.nn.Module):
+    """Projections whose weights have different storage types, so they cannot share one kernel."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)

@@ -1,0 +1,78 @@
+"""A contiguous span of transformer blocks with per-session KV caches: what a Scout runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .kv_cache import KVCachePool
+from .layers import Block, RotaryTable, SeqSlice
+from .runtime import Runtime
+from .weights import ModelWeights
+
+
+class SessionOutOfStep(ValueError):
+    """A forward named a start position that is not where the session's cache ends."""
+
+
+@dataclass(frozen=True)
+class SpanRequest:
+    """``n_tokens`` new positions of ``session`` starting at ``start`` (its current length)."""
+
+    session: str
+    start: int
+    n_tokens: int
+
+
+class Span:
+    """Blocks ``[start, end)``. Input and output hidden states are [T, d_model] in the runtime's
+    dtype, rows grouped by session in the order of the requests."""
+
+    def __init__(self, weights: ModelWeights, start: int, end: int, runtime: Runtime, kv_budget_bytes: int = 1 << 30):
+        config = weights.config
+        if not 0 <= start < end <= config.n_layers:
+            raise ValueError(f"span [{start}, {end}) is outside the model's {config.n_layers} blocks")
+        self.config: ModelConfig = config
+        self.start, self.end = start, end
+        self.runtime = runtime
+        self.blocks = [
+            Block(config, weights.block(i), runtime.device, runtime.dtype, runtime.dense, i) for i in range(start, end)
+        ]
+        self.rope = RotaryTable(config.head_dim, config.rope_base, config.context_length, runtime.dtype, runtime.device)
+        self.kv = KVCachePool(
+            end - start, config.n_kv_heads, config.head_dim, runtime.dtype, runtime.device,
+            budget_bytes=kv_budget_bytes, max_length=config.context_length,
+        )
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        total = sum(r.n_tokens for r in requests)
+        if hidden.shape != (total, self.config.d_model):
+            raise ValueError(f"hidden states have shape {tuple(hidden.shape)}, expected ({total}, {self.config.d_model})")
+        for r in requests:
+            have = self.kv.length(r.session)
+            if r.start != have:
+                raise SessionOutOfStep(f"session {r.session}: forward starts at {r.start} but its cache holds {have} positions")
+        now = time.monotonic()
+        seqs = []
+        for r in requests:
+            cache = self.kv.reserve(r.session, r.n_tokens)
+            cache.last_used = now
+            seqs.append(SeqSlice(cache, r.start, r.n_tokens))
+        positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
+        cos, sin = self.rope.lookup(positions)
+        h = hidden.to(self.runtime.dtype)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, layer, cos, sin, seqs)
+        for s in seqs:
+            s.cache.length = s.start + s.n
+        return h
+
+    def rollback(self, session: str, length: int) -> None:
+        self.kv.rollback(session, length)
+
+    def free(self, session: str) -> None:
+        self.kv.free(session)

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from shard_common.model.ends import ModelEnds
+from shard_common.model.loader import default_model_path, load_weights
+from shard_common.model.runtime import Runtime
+from shard_common.model.span import Span
+from shard_common.tokenizer import Tokenizer
+from oracle.engine.engine import Engine
+from oracle.engine.pipeline import LocalPipeline
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def weights(model_path):
+    return load_weights(model_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(weights):
+    return Tokenizer(weights.tokenizer)
+
+
+def _build(weights, backend):
+    runtime = Runtime.pick(backend, "cpu")
+    span = Span(weights, 0, weights.config.n_layers, runtime)
+    return runtime, span, ModelEnds(weights, runtime)
+
+
+@pytest.fixture(scope="session")
+def quant_parts(weights):
+    return _build(weights, "quant")
+
+
+@pytest.fixture(scope="session")
+def dense_parts(weights):
+    return _build(weights, "dense")
+
+
+@pytest.fixture(scope="session")
+def engine(quant_parts, tokenizer):
+    _, span, ends = quant_parts
+    return Engine(ends, LocalPipeline(span), tokenizer)

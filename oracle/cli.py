@@ -38,6 +38,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from oracle.api.server import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shard-oracle",
@@ -56,12 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
 
-    try:
-        from oracle.api.cli import add_serve_command
-    except ImportError:
-        pass
-    else:
-        add_serve_command(sub, add_model_options)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_option(serve, "--host", default="127.0.0.1", help="address to listen on")
+    add_option(serve, "--port", default=8000, type=int, help="HTTP port")
+    add_option(serve, "--served-model-name", default=None, help="model id in the API; the model file's name when unset")
+    add_option(serve, "--model-aliases", default="", help="comma-separated extra ids for the same model")
+    add_option(serve, "--max-running", default=32, type=int, help="sequences decoded together in one batch")
+    add_option(serve, "--max-queued", default=256, type=int, help="requests waiting beyond that; more get 503")
+    add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
+    add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
+    add_model_options(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""The aiohttp application: one route table serves both ``/v1/...`` and unprefixed paths and
+generates ``/openapi.json``; a middleware turns every failure into an OpenAI error body."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from . import routes, schemas
+from .errors import APIError
+from .state import OracleState
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    streams: bool = False
+
+
+ROUTES = [
+    Route("POST", "/chat/completions", routes.chat_completions, "Create a chat completion",
+          schemas.ChatCompletionRequest, schemas.ChatCompletion, streams=True),
+    Route("POST", "/completions", routes.completions, "Create a completion (legacy)",
+          schemas.CompletionRequest, schemas.Completion, streams=True),
+    Route("GET", "/models", routes.list_models, "List models", response=schemas.ModelList),
+    Route("GET", "/models/{model}", routes.get_model, "Retrieve a model", response=schemas.ModelCard),
+]
+UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
+
+
+def error_status_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-Id") or f"req_{uuid.uuid4().hex[:24]}"
+    try:
+        response = await handler(request)
+    except APIError as e:
+        response = e.response()
+    except web.HTTPException as e:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
+        message = {
+            404: f"Unknown route: {request.method} {request.path}",
+            413: f"Request body too large (limit {request.app['max_body_bytes']} bytes)",
+        }.get(e.status, e.reason)
+        response = APIError(e.status, message, type=error_status_type(e.status), code=code).response()
+    except Exception:
+        log.exception("internal error in %s %s (request id %s)", request.method, request.path, request_id)
+        response = APIError(500, f"Internal server error (request id {request_id})", type="server_error", code="internal_error").response()
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def openapi_document(model_id: str) -> dict:
+    models = {m for r in ROUTES + UNVERSIONED for m in (r.request, r.response) if m is not None} | {schemas.ErrorResponse}
+    refs, defs = models_json_schema([(m, "serialization") for m in models], ref_template="#/components/schemas/{model}")
+    paths: dict = {}
+    for r in ROUTES + UNVERSIONED:
+        op: dict = {"summary": r.summary, "operationId": f"{r.method.lower()}{r.path.replace('/', '_').replace('{', '').replace('}', '')}"}
+        if "{model}" in r.path:
+            op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+        if r.request is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[(r.request, "serialization")]}}}
+        ok = {"application/json": {"schema": refs[(r.response, "serialization")]}}
+        if r.streams:
+            ok["text/event-stream"] = {"schema": {"type": "string", "description": "SSE chunks when stream=true"}}
+        error = {"content": {"application/json": {"schema": refs[(schemas.ErrorResponse, "serialization")]}}}
+        op["responses"] = {"200": {"description": "OK", "content": ok}, "default": {"description": "Error", **error}}
+        for prefix in ("/v1", "") if r in ROUTES else ("",):
+            paths.setdefault(prefix + r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Shard Oracle", "version": "0.1.0", "description": f"OpenAI-compatible API serving {model_id}"},
+        "paths": paths,
+        "components": {"schemas": defs.get("$defs", {})},
+    }
+
+
+def create_app(state: OracleState, max_body_bytes: int = 4 << 20) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app[routes.STATE] = state
+    app["max_body_bytes"] = max_body_bytes
+    for r in ROUTES:
+        for prefix in ("/v1", ""):
+            app.router.add_route(r.method, prefix + r.path, r.handler)
+    for r in UNVERSIONED:
+        app.router.add_route(r.method, r.path, r.handler)
+    document = json.dumps(openapi_document(state.model_ids[0]))
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(text=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi)
+
+    async def start_scheduler(_: web.Application) -> None:
+        state.scheduler.start()
+
+    async def drain(_: web.Application) -> None:
+        await state.scheduler.close()
+
+    app.on_startup.append(start_scheduler)
+    app.on_shutdown.append(drain)
+    return app

@@ -1,0 +1,275 @@
+"""HTTP handlers: thin translations between OpenAI shapes and the scheduler."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from oracle.engine.sequence import Sequence
+from shard_common.tokenizer import ChatTemplateError
+
+from .errors import APIError, bad_request, from_validation_error, model_not_found, not_supported
+from .generation import (
+    choice_logprobs, job_events, make_sequences, sampling_params, submit, usage_of,
+)
+from .schemas import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
+    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Health, ModelCard, ModelList,
+)
+from .state import OracleState
+
+STATE = web.AppKey("state", OracleState)
+
+
+async def parse(request: web.Request, model: type[BaseModel]):
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply", code="invalid_json") from None
+
+
+def check_model(state: OracleState, name: str) -> str:
+    if name not in state.model_ids:
+        raise model_not_found(name)
+    return name
+
+
+async def sse(response: web.StreamResponse, payload: BaseModel | str) -> None:
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def start_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    return response
+
+
+async def sse_error(response: web.StreamResponse, err: APIError) -> None:
+    await response.write(f"data: {json.dumps(err.body())}\n\n".encode())
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+    model = check_model(state, req.model)
+    for name in ChatCompletionRequest.UNSUPPORTED:
+        if getattr(req, name) is not None:
+            raise not_supported(name)
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise not_supported("response_format", f"response_format of type {req.response_format.get('type')!r}")
+    n = req.n or 1
+    if n > state.limits.max_n:
+        raise bad_request(f"n is limited to {state.limits.max_n} on this server", "n", "invalid_value")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    try:
+        prompt_ids = state.tokenizer.encode_chat(messages)
+    except ChatTemplateError as e:
+        raise bad_request(f"The chat template rejected these messages: {e}", "messages") from None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_params(req, state.tokenizer, len(prompt_ids), state.context_length, state.limits, max_tokens,
+                             bool(req.logprobs), req.top_logprobs or 0)
+    seqs = make_sequences(prompt_ids, params, n, state.tokenizer, state.context_length)
+    job = submit(state.scheduler, seqs)
+    ident = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if req.stream:
+        return await stream_chat(request, state, job, seqs, ident, created, model, len(prompt_ids), req)
+    async for _ in job_events(job, request, state.scheduler):
+        pass
+    if not job.finished:
+        raise APIError(499, "client closed the request", type="server_error")
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=s.text),
+            logprobs=choice_logprobs(state.tokenizer, content_tokens(s)) if req.logprobs else None,
+            finish_reason=s.finish_reason,
+        )
+        for i, s in enumerate(seqs)
+    ]
+    body = ChatCompletion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
+                          choices=choices, usage=usage_of(len(prompt_ids), seqs))
+    return web.json_response(text=body.model_dump_json())
+
+
+def content_tokens(seq: Sequence):
+    """The tokens that make up the answer: not a final end-of-sequence token."""
+    out = seq.output
+    if out and out[-1].token in seq.tokenizer.stop_ids and not seq.params.ignore_eos:
+        out = out[:-1]
+    return out
+
+
+async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req) -> web.StreamResponse:
+    response = await start_sse(request)
+
+    def chunk(choices, usage=None):
+        return ChatCompletionChunk(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
+                                   choices=choices, usage=usage)
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    try:
+        for i in range(len(seqs)):
+            await sse(response, chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))]))
+        async for index, event in job_events(job, request, state.scheduler):
+            seq = seqs[index]
+            is_eos = event.finish_reason == "stop" and event.choice.token in state.tokenizer.stop_ids and not seq.params.ignore_eos
+            logprobs = choice_logprobs(state.tokenizer, [event.choice]) if req.logprobs and not is_eos else None
+            if event.text or logprobs is not None:
+                await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(content=event.text), logprobs=logprobs)]))
+            if event.finish_reason:
+                await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=event.finish_reason)]))
+        if include_usage and job.finished:
+            await sse(response, chunk([], usage_of(prompt_len, seqs)))
+        await sse(response, "[DONE]")
+    except APIError as e:
+        await sse_error(response, e)
+    except (ConnectionResetError, ConnectionError):
+        state.scheduler.cancel(job)
+    return response
+
+
+# --- legacy completions ------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req: CompletionRequest = await parse(request, CompletionRequest)
+    model = check_model(state, req.model)
+    if req.suffix:
+        raise not_supported("suffix")
+    if req.echo and req.logprobs is not None:
+        raise not_supported("logprobs", "logprobs together with echo (prompt logprobs)")
+    n = req.n or 1
+    best_of = req.best_of or n
+    if best_of < n:
+        raise bad_request("best_of must be greater than or equal to n", "best_of", "invalid_value")
+    if best_of > n and req.stream:
+        raise bad_request("best_of cannot be used with stream", "best_of", "invalid_value")
+    prompts = req.prompts()
+    if not prompts:
+        raise bad_request("prompt must not be empty", "prompt", "invalid_value")
+    if best_of * len(prompts) > state.limits.max_n:
+        raise bad_request(f"n (or best_of) times the number of prompts is limited to {state.limits.max_n}", "n", "invalid_value")
+    tok = state.tokenizer
+    encoded = []
+    for p in prompts:
+        ids = tok.encode(p) if isinstance(p, str) else p
+        if not ids:
+            raise bad_request("prompt must not be empty", "prompt", "invalid_value")
+        if any(not 0 <= t < tok.vocab_size for t in ids):
+            raise bad_request("prompt contains a token id outside the vocabulary", "prompt", "invalid_value")
+        encoded.append(ids)
+    max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    top = req.logprobs or 0
+    groups, all_seqs = [], []
+    for ids in encoded:
+        params = sampling_params(req, tok, len(ids), state.context_length, state.limits, max_tokens,
+                                 req.logprobs is not None or best_of > n, top)
+        seqs = make_sequences(ids, params, best_of, tok, state.context_length)
+        groups.append((ids, seqs))
+        all_seqs.extend(seqs)
+    job = submit(state.scheduler, all_seqs)
+    ident = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    if req.stream:
+        return await stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req)
+    async for _ in job_events(job, request, state.scheduler):
+        pass
+    if not job.finished:
+        raise APIError(499, "client closed the request", type="server_error")
+    choices = []
+    for p_index, (ids, seqs) in enumerate(groups):
+        if best_of > n:
+            seqs = sorted(seqs, key=lambda s: -sum(c.logprob or 0.0 for c in s.output))[:n]
+        for s in seqs:
+            prefix = tok.decode(ids) if req.echo else ""
+            choices.append(CompletionChoice(
+                index=len(choices), text=prefix + s.text, finish_reason=s.finish_reason,
+                logprobs=completion_logprobs(tok, content_tokens(s), len(prefix)) if req.logprobs is not None else None,
+            ))
+    body = Completion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint, choices=choices,
+                      usage=usage_of(prompt_tokens, all_seqs))
+    return web.json_response(text=body.model_dump_json())
+
+
+def completion_logprobs(tok, choices, offset: int) -> CompletionLogprobs:
+    tokens, lps, tops, offsets = [], [], [], []
+    for c in choices:
+        text = tok.token_text(c.token)
+        tokens.append(text)
+        lps.append(c.logprob)
+        tops.append({tok.token_text(t): lp for t, lp in c.top} if c.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+async def stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req) -> web.StreamResponse:
+    response = await start_sse(request)
+    tok = state.tokenizer
+    flat = [(ids, s) for ids, seqs in groups for s in seqs]
+
+    def chunk(choices, usage=None):
+        return Completion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint, choices=choices, usage=usage)
+
+    try:
+        if req.echo:
+            for i, (ids, _) in enumerate(flat):
+                await sse(response, chunk([CompletionChoice(index=i, text=tok.decode(ids), finish_reason=None)]))
+        async for index, event in job_events(job, request, state.scheduler):
+            seq = flat[index][1]
+            is_eos = event.finish_reason == "stop" and event.choice.token in tok.stop_ids and not seq.params.ignore_eos
+            logprobs = completion_logprobs(tok, [event.choice], 0) if req.logprobs is not None and not is_eos else None
+            if event.text or logprobs is not None or event.finish_reason:
+                await sse(response, chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)]))
+        if req.stream_options and req.stream_options.include_usage and job.finished:
+            await sse(response, chunk([], usage_of(prompt_tokens, [s for _, s in flat])))
+        await sse(response, "[DONE]")
+    except APIError as e:
+        await sse_error(response, e)
+    except (ConnectionResetError, ConnectionError):
+        state.scheduler.cancel(job)
+    return response
+
+
+# --- models and health ------------------------------------------------------------------------------
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cards = [ModelCard(id=m, created=state.created) for m in state.model_ids]
+    return web.json_response(text=ModelList(data=cards).model_dump_json())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["model"]
+    if name not in state.model_ids:
+        raise model_not_found(name)
+    return web.json_response(text=ModelCard(id=name, created=state.created).model_dump_json())
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    closing = state.scheduler.closing
+    body = Health(status="stopping" if closing else "ok", model=state.model_ids[0], ready=not closing)
+    return web.json_response(text=body.model_dump_json(), status=503 if closing else 200)

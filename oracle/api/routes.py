@@ -271,5 +271,6 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     closing = state.scheduler.closing
-    body = Health(status="stopping" if closing else "ok", model=state.model_ids[0], ready=not closing)
+    body = Health(status="stopping" if closing else "ok", model=state.model_ids[0], ready=not closing,
+                  running_sequences=state.scheduler.running_sequences, waiting_requests=len(state.scheduler.waiting))
     return web.json_response(text=body.model_dump_json(), status=503 if closing else 200)

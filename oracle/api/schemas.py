@@ -277,3 +277,5 @@ class Health(Schema):
     status: Literal["ok", "loading", "stopping"]
     model: str | None
     ready: bool
+    running_sequences: int
+    waiting_requests: int

@@ -1,0 +1,128 @@
+"""Raw HTTP for the error cases: every failure is an OpenAI error body, never a crash."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import requests
+
+
+def post(server, path, body=None, raw=None, **kw):
+    data = raw if raw is not None else json.dumps(body).encode()
+    return requests.post(server + path, data=data, headers={"Content-Type": "application/json"}, timeout=60, **kw)
+
+
+def assert_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def chat(model_id, **kw):
+    return {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **kw}
+
+
+def test_malformed_json(server):
+    assert_error(post(server, "/v1/chat/completions", raw=b"{not json"), 400, "invalid_json")
+    assert_error(post(server, "/v1/chat/completions", raw=b"[1, 2]"), 400, "invalid_json")
+    assert_error(post(server, "/v1/chat/completions", raw=b"\xff\xfe{}"), 400, "invalid_json")
+    assert_error(post(server, "/v1/chat/completions", raw=b"[" * 100000 + b"]" * 100000), 400)
+
+
+def test_wrong_types_and_ranges(server, model_id):
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, temperature=3)), 400, "invalid_value", "temperature")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, temperature="hot")), 400, param="temperature")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, top_logprobs=21, logprobs=True)), 400, param="top_logprobs")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, stop=["a", "b", "c", "d", "e"])), 400, param="stop")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, logit_bias={"99999999": 1})), 400, param="logit_bias")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, max_tokens=0)), 400, param="max_tokens")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, n=10000)), 400, param="n")
+    assert_error(post(server, "/v1/chat/completions", {"model": model_id}), 400, "missing_required_parameter", "messages")
+    assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": []}), 400, param="messages")
+    assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+    assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": [image]}), 400)
+
+
+def test_unknown_model(server):
+    assert_error(post(server, "/v1/chat/completions", chat("gpt-4")), 404, "model_not_found", "model")
+    assert_error(post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "model_not_found")
+
+
+def test_unsupported_fields_are_rejected_not_dropped(server, model_id):
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"}),
+                         ("tool_choice", "auto")]:
+        assert_error(post(server, "/v1/chat/completions", chat(model_id, **{field: value})), 400, "unsupported_parameter", field)
+    assert_error(post(server, "/v1/completions", {"model": model_id, "prompt": "x", "suffix": "y"}), 400, "unsupported_parameter", "suffix")
+    # Unknown fields are ignored.
+    assert post(server, "/v1/chat/completions", chat(model_id, some_future_field=1)).status_code == 200
+
+
+def test_context_length_exceeded(server, model_id):
+    long = "word " * 9000
+    err = assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": long}]}), 400, "context_length_exceeded")
+    assert "8192" in err["message"]
+    err = assert_error(post(server, "/v1/chat/completions", chat(model_id, max_tokens=9000)), 400, "context_length_exceeded")
+
+
+def test_body_too_large(server, model_id):
+    big = chat(model_id, messages=[{"role": "user", "content": "x" * (2 << 20)}])
+    assert_error(post(server, "/v1/chat/completions", big), 413, "request_too_large")
+
+
+def test_unknown_route_and_method(server):
+    assert_error(requests.get(server + "/v1/nothing-here", timeout=5), 404, "not_found")
+    assert_error(requests.delete(server + "/v1/models", timeout=5), 405)
+
+
+def test_health_and_openapi(server):
+    h = requests.get(server + "/health", timeout=5).json()
+    assert h["ready"] is True and h["status"] == "ok"
+    doc = requests.get(server + "/openapi.json", timeout=5).json()
+    for path in ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/health"):
+        assert path in doc["paths"], path
+    schemas = doc["components"]["schemas"]
+    assert "ChatCompletionRequest" in schemas and "temperature" in schemas["ChatCompletionRequest"]["properties"]
+
+
+def test_client_disconnect_frees_slot_and_server_survives(server, model_id):
+    body = chat(model_id, max_tokens=2000, stream=True, messages=[{"role": "user", "content": "Count to one thousand."}], ignore_eos=True)
+    with requests.post(server + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    # The generation stops and its batch slot is freed; the server keeps answering.
+    deadline = time.monotonic() + 20
+    while requests.get(server + "/health", timeout=5).json()["running_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert requests.get(server + "/health", timeout=5).json()["running_sequences"] == 0
+    ok = post(server, "/v1/chat/completions", chat(model_id, temperature=0))
+    assert ok.status_code == 200
+
+
+def test_many_bad_requests_in_parallel_do_not_kill_the_server(server, model_id):
+    bodies = [b"", b"null", b"{}", b'{"model": 1}', b'{"messages": "x"}', b'{"model": "m", "messages": [{"role": "user"}]}'] * 5
+    errors = []
+
+    def send(raw):
+        try:
+            r = post(server, "/v1/chat/completions", raw=raw)
+            if r.status_code >= 500:
+                errors.append(r.text)
+        except requests.RequestException as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert requests.get(server + "/health", timeout=5).status_code == 200

@@ -25,11 +25,9 @@ class ModelEnds:
         ids = torch.as_tensor(token_ids, dtype=torch.long).cpu().numpy()
         if ids.size and (ids.min() < 0 or ids.max() >= self.embedding.rows):
             raise ValueError(f"token id out of range [0, {self.embedding.rows})")
-        rows = self.embedding.take_rows(ids).dequantize()
-        return rows.to(device=self.runtime.device, dtype=self.runtime.dtype)
+        return self.embedding.take_rows(ids).dequantize().to(self.runtime.device)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [T, vocab] for hidden states [T, d_model]."""
-        h = rms_norm(hidden.to(self.runtime.dtype), self.norm, self.config.norm_eps)
-        return self.head(h).float()
+        return self.head(rms_norm(hidden, self.norm, self.config.norm_eps, self.runtime.dtype)).float()

@@ -27,20 +27,21 @@ class SeqSlice:
     n: int
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Normalise in fp32 (the residual stream's dtype) and hand the matmuls ``out_dtype``."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight).to(out_dtype)
 
 
 class RotaryTable:
-    """cos/sin for half-split RoPE, computed once per forward for all blocks."""
+    """cos/sin for half-split RoPE, looked up once per forward for all blocks. The sign of the
+    rotation is folded into ``sin`` so applying it costs no negation."""
 
     def __init__(self, head_dim: int, base: float, max_positions: int, dtype: torch.dtype, device: torch.device):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.cos = angles.cos().to(dtype=dtype, device=device)
-        self.sin = angles.sin().to(dtype=dtype, device=device)
+        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype=dtype, device=device)
+        self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [T, 1, head_dim] so they broadcast over heads.
@@ -48,9 +49,9 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, for [T, heads, head_dim] with the signed ``sin`` above."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def fused_linear(parts: list[QTensor], biases: list[QTensor | None], device, dtype, dense: bool, name: str):
@@ -88,8 +89,12 @@ class Block(torch.nn.Module):
             self.gate_up = ConcatLinear([make_linear(t, None, device, dtype, dense, name) for t in gate_up])
         self.down = make_linear(tensors["ffn_down"], None, device, dtype, dense, name)
         self.group = config.n_heads // config.n_kv_heads
+        self.scale = config.head_dim ** -0.5
+        self.act_dtype = dtype
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, seqs: list[SeqSlice]) -> torch.Tensor:
+        """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd]; returns [T, q_dim]
+        in the cache's dtype."""
         cfg = self.config
         hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
         outs = []
@@ -99,28 +104,41 @@ class Block(torch.nn.Module):
             kc, vc = s.cache.k[layer], s.cache.v[layer]
             kc[:, s.start:end] = k[offset:offset + n].transpose(0, 1)
             vc[:, s.start:end] = v[offset:offset + n].transpose(0, 1)
-            # Grouped-query attention without repeating K/V: the query heads sharing one KV head
-            # are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries each.
-            qs = q[offset:offset + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
-            mask = None
-            if n > 1:
+            keys, values = kc[:, :end], vc[:, :end]
+            if n == 1:
+                # Decode: the g query heads sharing a KV head form a [hkv, g, hd] batch (a view,
+                # no copy), and plain matmuls beat SDPA's dispatch for one query row.
+                qs = q[offset].view(hkv, g, hd)
+                weights = torch.softmax(torch.matmul(qs, keys.transpose(1, 2)), dim=-1)
+                outs.append(torch.matmul(weights, values).view(1, cfg.q_dim))
+            else:
+                # Grouped-query attention without repeating K/V: the query heads sharing one KV
+                # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
+                qs = q[offset:offset + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
                 key_pos = torch.arange(end, device=q.device)
                 query_pos = torch.arange(s.start, end, device=q.device)
                 mask = (key_pos[None, :] <= query_pos[:, None]).repeat(g, 1)
-            o = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end], attn_mask=mask)
-            outs.append(o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim))
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=1.0)
+                outs.append(o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim))
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
+        """``h`` is the fp32 residual stream [T, d_model]. Only matmul inputs drop to the activation
+        dtype: a bf16 residual stream loses enough over 30 blocks to flip near-tied tokens."""
         cfg = self.config
         t = h.shape[0]
-        qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps))
-        q, k, v = qkv.split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
-        q = apply_rope(q.view(t, cfg.n_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(t, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-        h = h + self.wo(self.attention(q, k, v.view(t, cfg.n_kv_heads, cfg.head_dim), layer, seqs))
-        gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps)).split([cfg.ffn_dim, cfg.ffn_dim], dim=-1)
+        qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps, self.act_dtype))
+        # q and k share one RoPE application: they are adjacent columns of the fused projection.
+        qk = apply_rope(qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        kv_dtype = seqs[0].cache.k.dtype
+        qk = qk.to(kv_dtype)
+        q = qk[:, : cfg.n_heads] * self.scale
+        k = qk[:, cfg.n_heads:]
+        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim)
+        attn = self.attention(q, k, v, layer, seqs).to(self.act_dtype)
+        h = h + self.wo(attn)
+        gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps, self.act_dtype)).split([cfg.ffn_dim, cfg.ffn_dim], dim=-1)
         return h + self.down(F.silu(gate) * up)
 
 

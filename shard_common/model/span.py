@@ -28,8 +28,8 @@ class SpanRequest:
 
 
 class Span:
-    """Blocks ``[start, end)``. Input and output hidden states are [T, d_model] in the runtime's
-    dtype, rows grouped by session in the order of the requests."""
+    """Blocks ``[start, end)``. Input and output hidden states are the fp32 residual stream
+    [T, d_model], rows grouped by session in the order of the requests."""
 
     def __init__(self, weights: ModelWeights, start: int, end: int, runtime: Runtime, kv_budget_bytes: int = 1 << 30):
         config = weights.config
@@ -43,7 +43,7 @@ class Span:
         ]
         self.rope = RotaryTable(config.head_dim, config.rope_base, config.context_length, runtime.dtype, runtime.device)
         self.kv = KVCachePool(
-            end - start, config.n_kv_heads, config.head_dim, runtime.dtype, runtime.device,
+            end - start, config.n_kv_heads, config.head_dim, runtime.kv_dtype, runtime.device,
             budget_bytes=kv_budget_bytes, max_length=config.context_length,
         )
 
@@ -64,7 +64,7 @@ class Span:
             seqs.append(SeqSlice(cache, r.start, r.n_tokens))
         positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
         cos, sin = self.rope.lookup(positions)
-        h = hidden.to(self.runtime.dtype)
+        h = hidden.float()
         for layer, block in enumerate(self.blocks):
             h = block(h, layer, cos, sin, seqs)
         for s in seqs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .engine import Engine
@@ -36,7 +36,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_running: int = 32, max_queued: int = 256):
+    def __init__(self, engine: Engine, max_running: int = 32, max_queued: int = 256, executor: Executor | None = None):
         self.engine = engine
         self.max_running = max_running
         self.max_queued = max_queued
@@ -46,7 +46,9 @@ class Scheduler:
         self.steps = 0
         self.tokens_generated = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # One step at a time: the engine and its caches are not thread-safe. Servers pass a
+        # MainThreadExecutor (see main_thread.py for why).
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:

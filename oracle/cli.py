@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from oracle.api.storage import add_redis_options, add_storage_options
 from shard_common.settings import add_option, setup_logging
 
 
@@ -44,6 +45,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from oracle.store.keys_cli import run_keys_command
+
+    return run_keys_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shard-oracle",
@@ -72,7 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
     add_model_options(serve)
+    add_storage_options(serve)
     serve.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (in the Oracle's Redis)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--admin", action="store_true", help="an admin key (unlimited unless --rpm/--tpm)")
+    add_option(create, "--rpm", default=None, type=int, help="requests per minute (0: unlimited); users default to --default-rpm")
+    add_option(create, "--tpm", default=None, type=int, help="tokens per minute (0: unlimited); users default to --default-tpm")
+    add_option(create, "--default-rpm", default=60, type=int, help="RPM of user keys created without --rpm")
+    add_option(create, "--default-tpm", default=200000, type=int, help="TPM of user keys created without --tpm")
+    listing = keys_sub.add_parser("list", help="names, prefixes and limits (never the keys)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id, name or prefix")
+    revoke.add_argument("key")
+    for p in (create, listing, revoke):
+        add_redis_options(p)
+    keys.add_argument("--log-level", default="warning")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -11,9 +11,11 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from pydantic.json_schema import models_json_schema
 
 from . import routes, schemas
+from .auth import ANONYMOUS, presented_key
 from .errors import APIError
 from .state import OracleState
 
@@ -41,7 +43,19 @@ ROUTES = [
     Route("GET", "/models", routes.list_models, "List models", response=schemas.ModelList),
     Route("GET", "/models/{model}", routes.get_model, "Retrieve a model", response=schemas.ModelCard),
 ]
+ROUTES += [
+    Route("GET", "/chat/completions", routes.list_stored, "List stored chat completions", response=schemas.StoredList),
+    Route("GET", "/chat/completions/{completion_id}", routes.get_stored, "Retrieve a stored chat completion",
+          response=schemas.StoredCompletion),
+    Route("POST", "/chat/completions/{completion_id}", routes.update_stored, "Update a stored chat completion's metadata",
+          schemas.MetadataUpdate, schemas.StoredCompletion),
+    Route("DELETE", "/chat/completions/{completion_id}", routes.delete_stored, "Delete a stored chat completion",
+          response=schemas.Deleted),
+    Route("GET", "/chat/completions/{completion_id}/messages", routes.stored_messages,
+          "List the messages of a stored chat completion", response=schemas.StoredMessageList),
+]
 UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
+PUBLIC_PATHS = {"/health", "/openapi.json"}
 
 
 def error_status_type(status: int) -> str:
@@ -55,6 +69,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
     except APIError as e:
         response = e.response()
+    except RedisError as e:
+        log.warning("Redis error in %s %s (request id %s): %s", request.method, request.path, request_id, e)
+        response = APIError(503, f"The store is unreachable right now; retry shortly (request id {request_id})",
+                            type="server_error", code="store_unavailable", headers={"Retry-After": "2"}).response()
     except web.HTTPException as e:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
         message = {
@@ -70,14 +88,38 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     return response
 
 
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Sets request["key"] (the caller) and charges one request against its limits."""
+    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
+        return await handler(request)
+    state: OracleState = request.app[routes.STATE]
+    if state.auth is None:
+        request["key"] = ANONYMOUS
+        return await handler(request)
+    key = await state.auth.verify(presented_key(request))
+    request["key"] = key
+    if state.rate_limits is not None:
+        request["ratelimit"] = await state.rate_limits.charge(key, requests=1)
+    return await handler(request)
+
+
+async def add_ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    decision = request.get("ratelimit")
+    if decision is not None:
+        for name, value in decision.headers().items():
+            response.headers.setdefault(name, value)
+
+
 def openapi_document(model_id: str) -> dict:
     models = {m for r in ROUTES + UNVERSIONED for m in (r.request, r.response) if m is not None} | {schemas.ErrorResponse}
     refs, defs = models_json_schema([(m, "serialization") for m in models], ref_template="#/components/schemas/{model}")
     paths: dict = {}
     for r in ROUTES + UNVERSIONED:
         op: dict = {"summary": r.summary, "operationId": f"{r.method.lower()}{r.path.replace('/', '_').replace('{', '').replace('}', '')}"}
-        if "{model}" in r.path:
-            op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+        params = [p.strip("{}") for p in r.path.split("/") if p.startswith("{")]
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
         if r.request is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[(r.request, "serialization")]}}}
         ok = {"application/json": {"schema": refs[(r.response, "serialization")]}}
@@ -91,12 +133,14 @@ def openapi_document(model_id: str) -> dict:
         "openapi": "3.1.0",
         "info": {"title": "Shard Oracle", "version": "0.1.0", "description": f"OpenAI-compatible API serving {model_id}"},
         "paths": paths,
-        "components": {"schemas": defs.get("$defs", {})},
+        "security": [{"bearer": []}],
+        "components": {"schemas": defs.get("$defs", {}), "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
 
 
 def create_app(state: OracleState, max_body_bytes: int = 4 << 20) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=max_body_bytes)
+    app.on_response_prepare.append(add_ratelimit_headers)
     app[routes.STATE] = state
     app["max_body_bytes"] = max_body_bytes
     for r in ROUTES:

@@ -17,7 +17,7 @@ from .schemas import ChoiceLogprobs, SamplingFields, TokenLogprob, TopLogprob, U
 
 
 @dataclass
-class Limits:
+class RequestLimits:
     max_n: int = 16
     max_tokens: int | None = None
 
@@ -27,7 +27,7 @@ def sampling_params(
     tokenizer: Tokenizer,
     prompt_len: int,
     context_length: int,
-    limits: Limits,
+    limits: RequestLimits,
     max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int,

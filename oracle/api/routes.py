@@ -17,8 +17,9 @@ from .generation import (
     choice_logprobs, job_events, make_sequences, sampling_params, submit, usage_of,
 )
 from .schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
-    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Health, ModelCard, ModelList,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
+    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, Health, MetadataUpdate,
+    ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList,
 )
 from .state import OracleState
 
@@ -85,28 +86,59 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(req, state.tokenizer, len(prompt_ids), state.context_length, state.limits, max_tokens,
                              bool(req.logprobs), req.top_logprobs or 0)
+    reserved = await reserve_tokens(request, len(prompt_ids) + (max_tokens or 0) * n)
     seqs = make_sequences(prompt_ids, params, n, state.tokenizer, state.context_length)
     job = submit(state.scheduler, seqs)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
-        return await stream_chat(request, state, job, seqs, ident, created, model, len(prompt_ids), req)
+        return await stream_chat(request, state, job, seqs, ident, created, model, len(prompt_ids), req, reserved)
     async for _ in job_events(job, request, state.scheduler):
         pass
     if not job.finished:
         raise APIError(499, "client closed the request", type="server_error")
+    body = chat_completion(state, seqs, ident, created, model, len(prompt_ids), bool(req.logprobs))
+    await finish_chat(request, req, body, reserved)
+    return web.json_response(text=body.model_dump_json())
+
+
+def chat_completion(state: OracleState, seqs, ident: str, created: int, model: str, prompt_len: int, logprobs: bool) -> ChatCompletion:
     choices = [
         ChatChoice(
             index=i,
             message=AssistantMessage(content=s.text),
-            logprobs=choice_logprobs(state.tokenizer, content_tokens(s)) if req.logprobs else None,
-            finish_reason=s.finish_reason,
+            logprobs=choice_logprobs(state.tokenizer, content_tokens(s)) if logprobs else None,
+            finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else None,
         )
         for i, s in enumerate(seqs)
     ]
-    body = ChatCompletion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
-                          choices=choices, usage=usage_of(len(prompt_ids), seqs))
-    return web.json_response(text=body.model_dump_json())
+    return ChatCompletion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
+                          choices=choices, usage=usage_of(prompt_len, seqs))
+
+
+async def reserve_tokens(request: web.Request, tokens: int) -> int:
+    """Charge the prompt plus the requested completion tokens against the key's TPM up front."""
+    state = request.app[STATE]
+    if state.rate_limits is not None:
+        decision = await state.rate_limits.charge(request["key"], requests=0, tokens=tokens)
+        if decision is not None:
+            request["ratelimit"] = decision
+    return tokens
+
+
+async def finish_chat(request: web.Request, req: ChatCompletionRequest, body: ChatCompletion, reserved: int) -> None:
+    """Settle the token reservation and store the completion (unless store=false or disabled)."""
+    state = request.app[STATE]
+    key = request["key"]
+    await settle_tokens(request, reserved, body.usage.total_tokens)
+    wants_store = state.store_by_default if req.store is None else req.store
+    if state.completions is None or not wants_store:
+        return
+    record = {
+        "id": body.id, "owner": key.id, "created_ms": int(time.time() * 1000), "completion": body.model_dump(),
+        "messages": [m.model_dump(exclude_none=True) for m in req.messages], "metadata": req.metadata or {},
+    }
+    await state.completions.save(record)
 
 
 def content_tokens(seq: Sequence):
@@ -117,7 +149,7 @@ def content_tokens(seq: Sequence):
     return out
 
 
-async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req) -> web.StreamResponse:
+async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req, reserved: int) -> web.StreamResponse:
     response = await start_sse(request)
 
     def chunk(choices, usage=None):
@@ -143,6 +175,8 @@ async def stream_chat(request, state: OracleState, job, seqs, ident, created, mo
         await sse_error(response, e)
     except (ConnectionResetError, ConnectionError):
         state.scheduler.cancel(job)
+    if job.finished:
+        await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
     return response
 
 
@@ -186,12 +220,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
         seqs = make_sequences(ids, params, best_of, tok, state.context_length)
         groups.append((ids, seqs))
         all_seqs.extend(seqs)
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    reserved = await reserve_tokens(request, prompt_tokens + max_tokens * len(all_seqs))
     job = submit(state.scheduler, all_seqs)
     ident = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    prompt_tokens = sum(len(ids) for ids in encoded)
     if req.stream:
-        return await stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req)
+        response = await stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req)
+        await settle_tokens(request, reserved, usage_of(prompt_tokens, all_seqs).total_tokens)
+        return response
     async for _ in job_events(job, request, state.scheduler):
         pass
     if not job.finished:
@@ -208,7 +245,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
             ))
     body = Completion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint, choices=choices,
                       usage=usage_of(prompt_tokens, all_seqs))
+    await settle_tokens(request, reserved, body.usage.total_tokens)
     return web.json_response(text=body.model_dump_json())
+
+
+async def settle_tokens(request: web.Request, reserved: int, used: int) -> None:
+    state = request.app[STATE]
+    if state.rate_limits is not None:
+        await state.rate_limits.settle(request["key"], reserved, used)
 
 
 def completion_logprobs(tok, choices, offset: int) -> CompletionLogprobs:
@@ -274,3 +318,95 @@ async def health(request: web.Request) -> web.Response:
     body = Health(status="stopping" if closing else "ok", model=state.model_ids[0], ready=not closing,
                   running_sequences=state.scheduler.running_sequences, waiting_requests=len(state.scheduler.waiting))
     return web.json_response(text=body.model_dump_json(), status=503 if closing else 200)
+
+
+# --- stored chat completions -------------------------------------------------------------------
+
+
+def completion_store(request: web.Request):
+    state = request.app[STATE]
+    if state.completions is None:
+        raise APIError(404, "Storing completions is disabled on this server", code="not_found")
+    key = request["key"]
+    return state.completions, (None if key.is_admin else key.id)
+
+
+def not_found(ident: str) -> APIError:
+    return APIError(404, f"No chat completion found with id '{ident}'", param="completion_id", code="not_found")
+
+
+def stored_view(record: dict) -> StoredCompletion:
+    return StoredCompletion(**record["completion"], metadata=record.get("metadata", {}))
+
+
+def page_params(request: web.Request) -> tuple[int, str | None, str]:
+    q = request.query
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise bad_request("limit must be an integer", "limit", "invalid_value") from None
+    if not 1 <= limit <= 100:
+        raise bad_request("limit must be between 1 and 100", "limit", "invalid_value")
+    order = q.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be 'asc' or 'desc'", "order", "invalid_value")
+    return limit, q.get("after"), order
+
+
+async def list_stored(request: web.Request) -> web.Response:
+    store, owner = completion_store(request)
+    limit, after, order = page_params(request)
+    metadata = {k[len("metadata["):-1]: v for k, v in request.query.items() if k.startswith("metadata[") and k.endswith("]")}
+    records, has_more = await store.list(owner, limit=limit, after=after, order=order, model=request.query.get("model"), metadata=metadata)
+    data = [stored_view(r) for r in records]
+    body = StoredList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=has_more)
+    return web.json_response(text=body.model_dump_json())
+
+
+async def get_stored(request: web.Request) -> web.Response:
+    store, owner = completion_store(request)
+    ident = request.match_info["completion_id"]
+    record = await store.get(ident, owner)
+    if record is None:
+        raise not_found(ident)
+    return web.json_response(text=stored_view(record).model_dump_json())
+
+
+async def update_stored(request: web.Request) -> web.Response:
+    store, owner = completion_store(request)
+    ident = request.match_info["completion_id"]
+    update: MetadataUpdate = await parse(request, MetadataUpdate)
+    record = await store.update_metadata(ident, owner, update.metadata or {})
+    if record is None:
+        raise not_found(ident)
+    return web.json_response(text=stored_view(record).model_dump_json())
+
+
+async def delete_stored(request: web.Request) -> web.Response:
+    store, owner = completion_store(request)
+    ident = request.match_info["completion_id"]
+    if not await store.delete(ident, owner):
+        raise not_found(ident)
+    return web.json_response(text=Deleted(id=ident, deleted=True).model_dump_json())
+
+
+async def stored_messages(request: web.Request) -> web.Response:
+    store, owner = completion_store(request)
+    ident = request.match_info["completion_id"]
+    record = await store.get(ident, owner)
+    if record is None:
+        raise not_found(ident)
+    limit, after, order = page_params(request)
+    messages = [
+        StoredMessage(id=f"{ident}-{i}", role=m["role"], content=ChatMessage(**m).text(), name=m.get("name"))
+        for i, m in enumerate(record["messages"])
+    ]
+    if order == "desc":
+        messages.reverse()
+    if after is not None:
+        ids = [m.id for m in messages]
+        messages = messages[ids.index(after) + 1:] if after in ids else []
+    page = messages[:limit]
+    body = StoredMessageList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
+                             has_more=len(messages) > limit)
+    return web.json_response(text=body.model_dump_json())

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP = 4
 
 
+def check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's limits on ``metadata``."""
+    if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+        raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
+    return value
+
+
 class Schema(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -119,9 +126,7 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("metadata")
     @classmethod
     def metadata_limits(cls, value):
-        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
-            raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
-        return value
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def top_logprobs_needs_logprobs(self):
@@ -279,3 +284,48 @@ class Health(Schema):
     ready: bool
     running_sequences: int
     waiting_requests: int
+
+
+# Stored completions
+
+
+class StoredCompletion(ChatCompletion):
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class StoredList(Schema):
+    object: Literal["list"] = "list"
+    data: list[StoredCompletion]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class MetadataUpdate(Schema):
+    metadata: dict[str, str] | None
+
+    @field_validator("metadata")
+    @classmethod
+    def metadata_limits(cls, value):
+        return check_metadata(value)
+
+
+class Deleted(Schema):
+    id: str
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    deleted: bool
+
+
+class StoredMessage(Schema):
+    id: str
+    role: str
+    content: str | None
+    name: str | None = None
+
+
+class StoredMessageList(Schema):
+    object: Literal["list"] = "list"
+    data: list[StoredMessage]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,8 +22,11 @@ from oracle.engine.main_thread import MainThreadExecutor
 from oracle.engine.scheduler import Scheduler
 from shard_common.model.loader import resolve_model_path
 
+from oracle.store.redis_server import EmbeddedRedis
+
+from . import storage
 from .app import create_app
-from .generation import Limits
+from .generation import RequestLimits
 from .state import OracleState
 
 log = logging.getLogger("oracle")
@@ -53,9 +57,24 @@ def serve(args: argparse.Namespace) -> int:
         context_length=local.engine.context_length,
         created=int(time.time()),
         fingerprint=fingerprint,
-        limits=Limits(max_n=args.max_n),
+        limits=RequestLimits(max_n=args.max_n),
     )
     app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    embedded = None
+    redis_url = args.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(Path(args.data_dir) / "redis").start()
+        redis_url = embedded.url
+
+    async def connect_storage(_: web.Application) -> None:
+        await storage.connect(state, args, redis_url)
+
+    async def close_storage(_: web.Application) -> None:
+        if state.completions is not None:
+            await state.completions.close()
+
+    app.on_startup.append(connect_storage)
+    app.on_cleanup.append(close_storage)
 
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -84,6 +103,8 @@ def serve(args: argparse.Namespace) -> int:
     if ready.is_set():
         log.warning("serving %s on http://%s:%d (OpenAI base URL http://%s:%d/v1)", name, args.host, args.port, args.host, args.port)
     executor.run_until(finished)
+    if embedded is not None:
+        embedded.stop()
     if errors:
         log.error("server stopped with an error: %s", errors[0])
         return 1

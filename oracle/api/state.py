@@ -1,13 +1,16 @@
-"""What the HTTP layer holds: the tokenizer, the scheduler, the served model names, limits."""
+"""What the HTTP layer holds: the tokenizer, the scheduler, the served model names, limits, and
+the Redis-backed services (absent until startup connects them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from oracle.engine.scheduler import Scheduler
+from oracle.store.completions import CompletionStore
 from shard_common.tokenizer import Tokenizer
 
-from .generation import Limits
+from .auth import Authenticator, RateLimits
+from .generation import RequestLimits
 
 
 @dataclass
@@ -18,4 +21,8 @@ class OracleState:
     context_length: int
     created: int
     fingerprint: str
-    limits: Limits = field(default_factory=Limits)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    auth: Authenticator | None = None  # None: --no-auth
+    rate_limits: RateLimits | None = None
+    completions: CompletionStore | None = None
+    store_by_default: bool = True

@@ -32,28 +32,56 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
     raise TimeoutError("server did not become ready")
 
 
-@pytest.fixture(scope="session")
-def server():
-    port = free_port()
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"shard-oracle-{port}.log"), "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--model-aliases", "smollm2",
-         "--max-body-mb", "1", "--max-queued", "64", "--log-level", "info"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url
-    finally:
-        proc.terminate()
+ADMIN_KEY = "sk-oracle-test-admin-" + "x" * 32
+
+
+class OracleProcess:
+    """A real ``shard-oracle serve`` in its own data directory, stopped with SIGTERM."""
+
+    def __init__(self, data_dir, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(str(data_dir), f"oracle-{self.port}.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "oracle.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+             "--log-level", "info", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SHARD_ADMIN_KEY": ADMIN_KEY, **(env or {})},
+        )
         try:
-            proc.wait(timeout=30)
+            wait_ready(self.url, self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            self.proc.kill()
+        self.log.close()
 
 
 @pytest.fixture(scope="session")
-def model_id(server):
-    return requests.get(server + "/v1/models", timeout=5).json()["data"][0]["id"]
+def oracle(tmp_path_factory):
+    """The shared Oracle: embedded Redis (the default), auth on."""
+    o = OracleProcess(tmp_path_factory.mktemp("oracle"), "--model-aliases", "smollm2", "--max-body-mb", "1",
+                      "--max-queued", "64", "--auth-cache-seconds", "1")
+    yield o
+    o.stop()
+
+
+@pytest.fixture(scope="session")
+def server(oracle):
+    return oracle.url
+
+
+@pytest.fixture(scope="session")
+def admin_headers():
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def model_id(server, admin_headers):
+    return requests.get(server + "/v1/models", headers=admin_headers, timeout=5).json()["data"][0]["id"]

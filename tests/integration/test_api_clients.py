@@ -7,12 +7,14 @@ import asyncio
 import openai
 import pytest
 
+from .conftest import ADMIN_KEY
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY, max_retries=0)
 
 
 def test_models_list_and_retrieve(client, model_id):
@@ -36,7 +38,7 @@ def test_chat_greedy_contains_paris_and_is_deterministic(client, model_id):
 
 
 def test_unprefixed_base_url(server, model_id):
-    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+    c = openai.OpenAI(base_url=server, api_key=ADMIN_KEY, max_retries=0)
     r = c.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=12)
     assert "Paris" in r.choices[0].message.content
 
@@ -109,7 +111,7 @@ def test_legacy_completions(client, model_id):
 
 def test_async_client_concurrent_requests(server, model_id):
     async def main():
-        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=ADMIN_KEY, max_retries=0)
         prompts = ["Say hello.", "What is 2+2?", "What is the capital of France?", "Name a fruit."]
         solo = [(await c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=12)).choices[0].message.content for p in prompts]
         together = await asyncio.gather(*[
@@ -128,7 +130,7 @@ def test_async_client_concurrent_requests(server, model_id):
 def test_langchain_invoke_and_stream(server, model_id):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=server + "/v1", api_key="unused", model=model_id, temperature=0, max_tokens=20, max_retries=0)
+    llm = ChatOpenAI(base_url=server + "/v1", api_key=ADMIN_KEY, model=model_id, temperature=0, max_tokens=20, max_retries=0)
     answer = llm.invoke("What is the capital of France?")
     assert "Paris" in answer.content
     streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))

@@ -8,10 +8,14 @@ import time
 
 import requests
 
+from .conftest import ADMIN_KEY
+
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
 
 def post(server, path, body=None, raw=None, **kw):
     data = raw if raw is not None else json.dumps(body).encode()
-    return requests.post(server + path, data=data, headers={"Content-Type": "application/json"}, timeout=60, **kw)
+    return requests.post(server + path, data=data, headers={"Content-Type": "application/json", **AUTH}, timeout=60, **kw)
 
 
 def assert_error(r, status, code=None, param=None):
@@ -78,8 +82,8 @@ def test_body_too_large(server, model_id):
 
 
 def test_unknown_route_and_method(server):
-    assert_error(requests.get(server + "/v1/nothing-here", timeout=5), 404, "not_found")
-    assert_error(requests.delete(server + "/v1/models", timeout=5), 405)
+    assert_error(requests.get(server + "/v1/nothing-here", timeout=5, headers=AUTH), 404, "not_found")
+    assert_error(requests.delete(server + "/v1/models", timeout=5, headers=AUTH), 405)
 
 
 def test_health_and_openapi(server):
@@ -94,7 +98,7 @@ def test_health_and_openapi(server):
 
 def test_client_disconnect_frees_slot_and_server_survives(server, model_id):
     body = chat(model_id, max_tokens=2000, stream=True, messages=[{"role": "user", "content": "Count to one thousand."}], ignore_eos=True)
-    with requests.post(server + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+    with requests.post(server + "/v1/chat/completions", json=body, stream=True, timeout=60, headers=AUTH) as r:
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)

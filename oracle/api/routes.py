@@ -168,15 +168,16 @@ async def stream_chat(request, state: OracleState, job, seqs, ident, created, mo
                 await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(content=event.text), logprobs=logprobs)]))
             if event.finish_reason:
                 await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=event.finish_reason)]))
-        if include_usage and job.finished:
-            await sse(response, chunk([], usage_of(prompt_len, seqs)))
+        if job.finished:
+            # Stored before [DONE], so a client that retrieves it right after the stream finds it.
+            await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
+            if include_usage:
+                await sse(response, chunk([], usage_of(prompt_len, seqs)))
         await sse(response, "[DONE]")
     except APIError as e:
         await sse_error(response, e)
     except (ConnectionResetError, ConnectionError):
         state.scheduler.cancel(job)
-    if job.finished:
-        await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
     return response
 
 

@@ -8,9 +8,12 @@ Oracle) finds the socket answering and shares that server instead of starting an
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,13 @@ import redis.asyncio as aioredis
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "redis.sock"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the Oracle dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def redis_binary() -> str:
@@ -57,7 +67,8 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None:

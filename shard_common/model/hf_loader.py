@@ -61,7 +61,8 @@ def read_config(folder: Path) -> ModelConfig:
         ffn_dim=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
         context_length=cfg.get("max_position_embeddings", 2048),
-        rope_base=float(cfg.get("rope_theta", 10000.0)),
+        # transformers 5 writes rope_theta inside rope_parameters; older versions at the top level.
+        rope_base=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

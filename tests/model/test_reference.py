@@ -20,6 +20,8 @@ from shard_common.model.span import Span, SpanRequest
 
 transformers = pytest.importorskip("transformers")
 
+ROPE_BASE = 50000.0  # not the default, so a loader that misses it fails
+
 ENGLISH = (
     "The history of the city goes back more than two thousand years. It was founded as a small "
     "fishing village on the banks of the river, and over the centuries it grew into a busy port. "
@@ -45,7 +47,7 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 def test_tiny_random_checkpoint_matches_transformers(tmp_path, tokenizer, arch):
     common = dict(
         vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=ROPE_BASE,
         tie_word_embeddings=arch != "mistral",
     )
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]

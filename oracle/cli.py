@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-queued", default=256, type=int, help="requests waiting beyond that; more get 503")
     add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
+    add_option(serve, "--scouts", default="", help="comma-separated PEER_ID@HOST:PORT of Scouts to run the blocks on "
+               "(their spans must cover every block); all blocks run in this process when empty")
+    add_option(serve, "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+               help="dtype of hidden states sent to Scouts (float32 keeps outputs identical to local runs)")
     add_model_options(serve)
     add_storage_options(serve)
     serve.set_defaults(func=cmd_serve)

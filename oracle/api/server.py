@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import hashlib
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -18,11 +17,13 @@ from pathlib import Path
 from aiohttp import web
 
 from oracle.engine.local import build_local_model
-from oracle.engine.main_thread import MainThreadExecutor
 from oracle.engine.scheduler import Scheduler
-from shard_common.model.loader import resolve_model_path
-
 from oracle.store.redis_server import EmbeddedRedis
+from oracle.swarm.static import StaticSwarm
+from oracle.swarm.remote import ScoutAddress
+from shard_common.identity import Identity
+from shard_common.main_thread import MainThreadExecutor, run_servers
+from shard_common.model.loader import resolve_model_path
 
 from . import storage
 from .app import create_app
@@ -37,6 +38,7 @@ async def run_site(app: web.Application, host: str, port: int, stop: asyncio.Eve
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        log.warning("listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)", host, port, host, port)
         ready.set()
         await stop.wait()
     finally:
@@ -45,7 +47,9 @@ async def run_site(app: web.Application, host: str, port: int, stop: asyncio.Eve
 
 def serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
-    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize)
+    scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
+    swarm = StaticSwarm(scouts, Identity.load_or_create(Path(args.data_dir) / "identity.key"), args.wire_dtype) if scouts else None
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline=swarm)
     name = args.served_model_name or path.stem
     aliases = [a.strip() for a in args.model_aliases.split(",") if a.strip()]
     fingerprint = "fp_" + hashlib.sha256(f"{name}:{args.backend}".encode()).hexdigest()[:10]
@@ -76,36 +80,18 @@ def serve(args: argparse.Namespace) -> int:
     app.on_startup.append(connect_storage)
     app.on_cleanup.append(close_storage)
 
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ready, finished = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def loop_thread() -> None:
-        asyncio.set_event_loop(loop)
+    async def main(stop: asyncio.Event, ready: threading.Event) -> None:
+        if swarm is not None:
+            await swarm.connect(local.weights.config.n_layers)
         try:
-            loop.run_until_complete(run_site(app, args.host, args.port, stop, ready))
-        except BaseException as e:
-            errors.append(e)
+            await run_site(app, args.host, args.port, stop, ready)
         finally:
-            loop.close()
-            finished.set()
+            if swarm is not None:
+                await swarm.close()
 
-    def request_stop(signum, _frame) -> None:
-        log.warning("received %s: finishing in-flight requests, then stopping", signal.Signals(signum).name)
-        loop.call_soon_threadsafe(stop.set)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    threading.Thread(target=loop_thread, name="event-loop", daemon=True).start()
-    while not (ready.is_set() or finished.is_set()):
-        time.sleep(0.05)
-    if ready.is_set():
-        log.warning("serving %s on http://%s:%d (OpenAI base URL http://%s:%d/v1)", name, args.host, args.port, args.host, args.port)
-    executor.run_until(finished)
-    if embedded is not None:
-        embedded.stop()
-    if errors:
-        log.error("server stopped with an error: %s", errors[0])
-        return 1
-    return 0
+    log.warning("serving model %s as %s", path, ", ".join(state.model_ids))
+    try:
+        return run_servers(main, executor, "oracle")
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -14,7 +14,7 @@ from shard_common.model.weights import ModelWeights
 from shard_common.tokenizer import Tokenizer
 
 from .engine import Engine
-from .pipeline import LocalPipeline
+from .pipeline import LocalPipeline, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,15 @@ class LocalModel:
     engine: Engine
 
 
-def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None) -> LocalModel:
+def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
+                      pipeline: Pipeline | None = None) -> LocalModel:
+    """The engine over ``pipeline``, or over all blocks in this process when none is given."""
     t0 = time.monotonic()
     weights = load_weights(model, quantize=quantize)
     runtime = Runtime.pick(backend)
     tokenizer = Tokenizer(weights.tokenizer)
-    span = Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30)))
-    engine = Engine(ModelEnds(weights, runtime), LocalPipeline(span), tokenizer)
+    if pipeline is None:
+        pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
+    engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer)
     log.info("model %s ready in %.1fs (%s, %s on %s)", weights.name, time.monotonic() - t0, backend, runtime.dtype, runtime.device)
     return LocalModel(weights, tokenizer, engine)

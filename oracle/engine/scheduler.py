@@ -93,7 +93,7 @@ class Scheduler:
                     pass
                 for job in self.running:
                     job.events.put_nowait(GenerationFailed("the server shut down before this request finished"))
-                    self._release(job)
+                await self._release(self.running)
                 self.running.clear()
         self._executor.shutdown(wait=True)
 
@@ -101,20 +101,30 @@ class Scheduler:
         while self.waiting and (not self.running or self.running_sequences + len(self.waiting[0].seqs) <= self.max_running):
             self.running.append(self.waiting.pop(0))
 
-    def _release(self, job: Job) -> None:
-        for s in job.seqs:
-            self.engine.release(s)
+    async def _release(self, jobs: list[Job]) -> None:
+        """Free the jobs' caches on the engine's thread: with Scouts that is network work that
+        needs this event loop free."""
+        seqs = [s for job in jobs for s in job.seqs]
+        if seqs:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._release_now, seqs)
 
-    def _retire(self) -> None:
-        for job in list(self.running):
-            if job.cancelled or job.finished:
-                self.running.remove(job)
-                self._release(job)
+    def _release_now(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            try:
+                self.engine.release(s)
+            except Exception:  # a Scout that is gone has nothing left to free
+                log.warning("could not free %s", s.session, exc_info=True)
+
+    async def _retire(self) -> None:
+        done = [job for job in self.running if job.cancelled or job.finished]
+        for job in done:
+            self.running.remove(job)
+        await self._release(done)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._retire()
+            await self._retire()
             self._admit()
             if not self.running:
                 if self.closing:

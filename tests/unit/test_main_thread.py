@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from oracle.engine.main_thread import MainThreadExecutor
+from shard_common.main_thread import MainThreadExecutor
 
 
 def test_calls_run_on_the_serving_thread_and_errors_propagate():

@@ -7,9 +7,15 @@ so the servers keep the main thread for the model and give the event loop a thre
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import queue
+import signal
 import threading
 from concurrent.futures import Executor, Future
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
 
 
 class MainThreadExecutor(Executor):
@@ -40,3 +46,36 @@ class MainThreadExecutor(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True
+
+
+def run_servers(main: Callable[[asyncio.Event, threading.Event], Awaitable[None]], executor: MainThreadExecutor,
+                name: str = "server") -> int:
+    """Run ``main(stop, ready)`` on an event loop in its own thread while this (main) thread
+    serves ``executor``. SIGINT/SIGTERM set ``stop``; ``main`` sets ``ready`` once listening."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    ready, finished = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def loop_thread() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main(stop, ready))
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            loop.close()
+            finished.set()
+
+    def request_stop(signum, _frame) -> None:
+        log.warning("%s received %s: finishing in-flight work, then stopping", name, signal.Signals(signum).name)
+        loop.call_soon_threadsafe(stop.set)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    threading.Thread(target=loop_thread, name="event-loop", daemon=True).start()
+    executor.run_until(finished)
+    if errors:
+        log.error("%s stopped with an error: %r", name, errors[0])
+        return 1
+    return 0

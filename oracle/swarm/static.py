@@ -1,0 +1,59 @@
+"""A fixed set of Scouts given on the command line, chained to cover every block.
+
+The engine's Pipeline until discovery over libp2p exists: the chain is planned once at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from shard_common.identity import Identity
+from shard_common.model.span import SpanRequest
+
+from .remote import RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, plan_chain
+
+log = logging.getLogger(__name__)
+
+
+class StaticSwarm:
+    def __init__(self, addresses: list[ScoutAddress], identity: Identity, wire_dtype: str = "float32"):
+        self.addresses = addresses
+        self.identity = identity
+        self.wire_dtype = wire_dtype
+        self.connections: list[ScoutConnection] = []
+        self.pipeline: RemotePipeline | None = None
+
+    async def connect(self, n_layers: int) -> None:
+        results = await asyncio.gather(*[ScoutConnection(a, self.identity).open() for a in self.addresses], return_exceptions=True)
+        for address, result in zip(self.addresses, results):
+            if isinstance(result, BaseException):
+                raise ScoutError(f"cannot reach Scout {address.peer_id} at {address.host}:{address.port}: {result}")
+            self.connections.append(result)
+        chain = plan_chain(self.connections, n_layers)
+        self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype)
+        log.warning("Oracle %s runs blocks on %s", self.identity.peer_id,
+                    " → ".join(f"{c.address.peer_id[-8:]}[{c.span[0]}:{c.span[1]})" for c in chain))
+
+    async def close(self) -> None:
+        for c in self.connections:
+            await c.close()
+
+    def _ready(self) -> RemotePipeline:
+        if self.pipeline is None:
+            raise ScoutError("the Scouts are not connected yet")
+        return self.pipeline
+
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        return self._ready().forward(hidden, requests)
+
+    def rollback(self, session: str, length: int) -> None:
+        self._ready().rollback(session, length)
+
+    def fork(self, source: str, target: str) -> None:
+        self._ready().fork(source, target)
+
+    def free(self, session: str) -> None:
+        self._ready().free(session)

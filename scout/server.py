@@ -1,0 +1,109 @@
+"""The Scout's data plane: authenticated TLS connections from the Oracle, serving one span.
+
+Every request is answered (a RESULT or an ERROR frame); nothing a peer sends can take the
+server down. Tensor work runs on the process's main thread (see shard_common/main_thread.py),
+one request at a time, so forwards and rollbacks of a session never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from pathlib import Path
+
+from shard_common.dataplane import HandshakeError, accept, server_context
+from shard_common.identity import Identity
+from shard_common.model.kv_cache import KVBudgetExceeded, UnknownSession
+from shard_common.model.span import SessionOutOfStep, Span, SpanRequest
+from shard_common.protocol import Close, Error, Fork, Forward, Kind, Result, Rollback, Welcome
+from shard_common.wire import DTYPES, FrameError, read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
+
+log = logging.getLogger(__name__)
+
+REQUEST_ERRORS = (SessionOutOfStep, KVBudgetExceeded, UnknownSession, ValueError)
+
+
+class SpanServer:
+    def __init__(self, span: Span, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
+                 allowed_peers: set[str] | None = None):
+        self.span = span
+        self.identity = identity
+        self.model_name = model_name
+        self.executor = executor
+        self.allowed_peers = allowed_peers
+        self.ssl, self.cert_der = server_context(identity, tls_dir)
+        self.server: asyncio.Server | None = None
+        self.requests = 0
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        self.server = await asyncio.start_server(self._handle, host, port, ssl=self.ssl)
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = "?"
+        sessions: set[str] = set()
+        try:
+            peer = await accept(reader, writer, self.identity, self.cert_der)
+            if self.allowed_peers is not None and peer not in self.allowed_peers:
+                raise HandshakeError(f"peer {peer} is not allowed")
+            await write_frame(writer, Kind.WELCOME, Welcome(
+                peer_id=self.identity.peer_id, model=self.model_name, span=(self.span.start, self.span.end),
+                n_layers=self.span.config.n_layers, wire_dtypes=list(DTYPES)))
+            log.info("connection from %s", peer)
+            while True:
+                kind, message, body = await read_frame(reader)
+                reply_kind, reply, reply_body = await self._dispatch(kind, message, body, sessions)
+                await write_frame(writer, reply_kind, reply, reply_body)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        except (FrameError, HandshakeError) as e:
+            log.warning("dropping connection from %s: %s", peer, e)
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("error serving %s", peer)
+        finally:
+            writer.close()
+            if sessions:
+                # The Oracle replays a session's tokens when it reconnects; keep no orphaned caches.
+                await asyncio.get_running_loop().run_in_executor(self.executor, self._free_all, list(sessions))
+
+    def _free_all(self, sessions: list[str]) -> None:
+        for s in sessions:
+            self.span.free(s)
+
+    async def _dispatch(self, kind: Kind, message, body: bytes, sessions: set[str]):
+        loop = asyncio.get_running_loop()
+        self.requests += 1
+        try:
+            if kind == Kind.FORWARD:
+                return await loop.run_in_executor(self.executor, self._forward, message, body, sessions)
+            if kind == Kind.ROLLBACK:
+                await loop.run_in_executor(self.executor, self.span.rollback, message.session, message.length)
+            elif kind == Kind.FORK:
+                await loop.run_in_executor(self.executor, self.span.kv.fork, message.source, message.target)
+                sessions.add(message.target)
+            elif kind == Kind.CLOSE:
+                await loop.run_in_executor(self.executor, self.span.free, message.session)
+                sessions.discard(message.session)
+            elif kind != Kind.PING:
+                return Kind.ERROR, Error(id=message.id, code="unexpected_kind", message=f"{kind.name} is not a request"), b""
+            return Kind.RESULT, Result(id=message.id), b""
+        except REQUEST_ERRORS as e:
+            return Kind.ERROR, Error(id=message.id, code=type(e).__name__, message=str(e)), b""
+
+    def _forward(self, message: Forward, body: bytes, sessions: set[str]):
+        t0 = time.perf_counter()
+        total = sum(s.n_tokens for s in message.sessions)
+        if message.shape != (total, self.span.config.d_model):
+            raise ValueError(f"hidden states of shape {message.shape} for {total} tokens of width {self.span.config.d_model}")
+        hidden = tensor_from_bytes(body, message.dtype, message.shape)
+        requests = [SpanRequest(s.session, s.start, s.n_tokens) for s in message.sessions]
+        out = self.span.forward(hidden, requests)
+        sessions.update(r.session for r in requests)
+        result = Result(id=message.id, dtype=message.dtype, shape=tuple(out.shape), compute_ms=(time.perf_counter() - t0) * 1000)
+        return Kind.RESULT, result, tensor_to_bytes(out, message.dtype)

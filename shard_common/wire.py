@@ -1,0 +1,78 @@
+"""Binary frames on the data plane: a fixed prelude, a JSON header, raw tensor bytes.
+
+    prelude  2s magic b"SH" | B version | B kind | I header length | Q body length   (big-endian)
+    header   UTF-8 JSON of the kind's message (at most MAX_HEADER bytes)
+    body     raw little-endian tensor bytes (at most MAX_BODY bytes)
+
+Every size is checked before anything is read, so a malformed or hostile frame costs at most a
+prelude's worth of reading before it is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import torch
+from pydantic import ValidationError
+
+from .protocol import MESSAGES, Kind, Message
+
+MAGIC = b"SH"
+VERSION = 1
+PRELUDE = struct.Struct(">2sBBIQ")
+MAX_HEADER = 64 * 1024
+MAX_BODY = 512 * 1024 * 1024
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class FrameError(ValueError):
+    """The peer sent something that is not a valid frame; the connection should be dropped."""
+
+
+async def write_frame(writer: asyncio.StreamWriter, kind: Kind, message: Message, body: bytes = b"") -> None:
+    header = message.model_dump_json().encode()
+    writer.write(PRELUDE.pack(MAGIC, VERSION, int(kind), len(header), len(body)) + header)
+    if body:
+        writer.write(body)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Kind, Message, bytes]:
+    prelude = await reader.readexactly(PRELUDE.size)
+    magic, version, kind, header_len, body_len = PRELUDE.unpack(prelude)
+    if magic != MAGIC or version != VERSION:
+        raise FrameError(f"not a shard frame (magic {magic!r}, version {version})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise FrameError(f"unknown message kind {kind}") from None
+    if header_len > MAX_HEADER or body_len > MAX_BODY:
+        raise FrameError(f"frame too large (header {header_len}, body {body_len} bytes)")
+    header = await reader.readexactly(header_len)
+    body = await reader.readexactly(body_len) if body_len else b""
+    try:
+        return kind, MESSAGES[kind].model_validate_json(header), body
+    except ValidationError as e:
+        raise FrameError(f"malformed {kind.name} header: {e.errors()[0]['msg']}") from None
+
+
+def tensor_to_bytes(t: torch.Tensor, dtype: str) -> bytes:
+    t = t.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def tensor_from_bytes(body: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype not in DTYPES:
+        raise FrameError(f"unknown dtype {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    expected = torch.Size(shape).numel() * torch.finfo(torch_dtype).bits // 8
+    if len(body) != expected:
+        raise FrameError(f"tensor body has {len(body)} bytes, {tuple(shape)} {dtype} needs {expected}")
+    raw_dtype = torch.int16 if torch_dtype == torch.bfloat16 else torch_dtype
+    t = torch.frombuffer(bytearray(body), dtype=raw_dtype)
+    if torch_dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.reshape(shape)

@@ -1,0 +1,102 @@
+"""The data plane in-process: identity checks both ways, frames, and hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from oracle.swarm.remote import ScoutAddress, ScoutConnection, ScoutError
+from scout.server import SpanServer
+from shard_common.dataplane import HandshakeError, client_context, connect
+from shard_common.identity import Identity, peer_id_of
+from shard_common.model.span import Span, SpanRequest
+from shard_common.protocol import Hello, Kind
+from shard_common.wire import PRELUDE, read_frame, write_frame
+
+
+@pytest.fixture(scope="module")
+def tiny_span(weights, quant_parts):
+    return Span(weights, 0, 2, quant_parts[0])
+
+
+def run_with_server(tiny_span, tmp_path, body):
+    async def main():
+        ident = Identity.generate()
+        server = SpanServer(tiny_span, ident, "test", ThreadPoolExecutor(1), tmp_path)
+        await server.start("127.0.0.1", 0)
+        try:
+            return await body(server, ident)
+        finally:
+            server.server.close()
+
+    return asyncio.run(main())
+
+
+def test_identity_file_round_trip(tmp_path):
+    a = Identity.load_or_create(tmp_path / "id.key")
+    b = Identity.load_or_create(tmp_path / "id.key")
+    assert a.peer_id == b.peer_id and a.peer_id.startswith("12D3KooW")
+    assert (tmp_path / "id.key").stat().st_mode & 0o777 == 0o600
+    assert peer_id_of(a.public_key) == a.peer_id
+
+
+def test_forward_over_the_wire_matches_local(tiny_span, quant_parts, tmp_path):
+    ends = quant_parts[2]
+    hidden = ends.embed([1, 2, 3, 4])
+
+    async def body(server, ident):
+        conn = await ScoutConnection(ScoutAddress(ident.peer_id, "127.0.0.1", server.port), Identity.generate()).open()
+        assert conn.span == (0, 2)
+        out = await conn.forward(hidden, [SpanRequest("w", 0, 4)], "float32")
+        await conn.rollback("w", 2)
+        await conn.ping()
+        with pytest.raises(ScoutError, match="SessionOutOfStep"):
+            await conn.forward(hidden[:1], [SpanRequest("w", 5, 1)], "float32")
+        await conn.free("w")
+        await conn.close()
+        return out
+
+    remote = run_with_server(tiny_span, tmp_path, body)
+    local = tiny_span.forward(hidden, [SpanRequest("local", 0, 4)])
+    tiny_span.free("local")
+    assert torch.equal(remote, local)
+
+
+def test_wrong_peer_id_is_refused(tiny_span, tmp_path):
+    async def body(server, ident):
+        with pytest.raises(HandshakeError, match="not the expected"):
+            await connect("127.0.0.1", server.port, Identity.generate(), Identity.generate().peer_id)
+
+    run_with_server(tiny_span, tmp_path, body)
+
+
+def test_forged_hello_and_garbage_are_dropped_and_server_survives(tiny_span, tmp_path):
+    async def body(server, ident):
+        # A client claiming someone else's peer id without their key.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client_context())
+        await read_frame(reader)  # challenge
+        victim = Identity.generate()
+        await write_frame(writer, Kind.HELLO, Hello(peer_id=victim.peer_id, public_key=victim.public_key.hex(), signature="00" * 64))
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(reader)
+        writer.close()
+        # Garbage and oversize frames after a proper handshake.
+        for junk in (b"GET / HTTP/1.1\r\n\r\n" + b"x" * 20, PRELUDE.pack(b"SH", 1, 3, 1 << 30, 0), PRELUDE.pack(b"SH", 1, 99, 2, 0) + b"{}"):
+            r, w, _ = await connect("127.0.0.1", server.port, Identity.generate(), ident.peer_id)
+            await read_frame(r)  # welcome
+            w.write(junk)
+            await w.drain()
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+                await asyncio.wait_for(read_frame(r), 10)
+            w.close()
+        # A wrong-sized tensor body is a request error, not a dropped connection.
+        conn = await ScoutConnection(ScoutAddress(ident.peer_id, "127.0.0.1", server.port), Identity.generate()).open()
+        with pytest.raises(ScoutError, match="hidden states of shape"):
+            await conn.forward(torch.zeros(3, 576), [SpanRequest("g", 0, 2)], "float32")
+        await conn.ping()
+        await conn.close()
+
+    run_with_server(tiny_span, tmp_path, body)

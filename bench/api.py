@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,29 +36,32 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def one_client(client, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_client(session, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming request read as raw SSE (an SDK's per-chunk parsing would eat the CPU the
+    server needs on a small machine)."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.perf_counter())
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            if b'"content":"' in line and b'"content":""' not in line:
+                arrivals.append(time.perf_counter())
+            elif b'"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return {"ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens, "end": time.perf_counter()}
 
 
-async def run_level(url: str, model: str, clients: int, max_tokens: int) -> dict:
-    import openai
+async def run_level(url: str, model: str, clients: int, max_tokens: int, key: str) -> dict:
+    import aiohttp
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0)
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*[one_client(client, model, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(clients)])
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[one_client(session, url, model, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(clients)])
     elapsed = max(r["end"] for r in results) - t0
-    await client.close()
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
     total = sum(r["tokens"] for r in results)
@@ -68,9 +74,10 @@ async def run_level(url: str, model: str, clients: int, max_tokens: int) -> dict
     }
 
 
-def start_server(port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "oracle.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_server(port: int, key: str, data_dir: str, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "SHARD_ADMIN_KEY": key}
+    return subprocess.Popen([sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--data-dir", data_dir, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def wait_ready(url: str, timeout: float = 180) -> None:
@@ -93,23 +100,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--url", help="an already running Oracle; otherwise one is started")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--key", default=os.environ.get("SHARD_API_KEY"), help="API key for --url (a started server gets its own)")
     args = parser.parse_args()
     proc = None
-    url = args.url
+    url, key = args.url, args.key
+    tmp = tempfile.TemporaryDirectory()
     if url is None:
         url = f"http://127.0.0.1:{args.port}"
-        proc = start_server(args.port)
+        key = "sk-oracle-bench-" + "b" * 32
+        proc = start_server(args.port, key, tmp.name, ["--no-store"])
     try:
         wait_ready(url)
         import requests
 
-        model = requests.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
-        asyncio.run(run_level(url, model, 1, 8))  # warm-up
-        rows = [asyncio.run(run_level(url, model, n, args.max_tokens)) for n in args.clients]
+        model = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"][0]["id"]
+        asyncio.run(run_level(url, model, 1, 8, key))  # warm-up
+        rows = [asyncio.run(run_level(url, model, n, args.max_tokens, key)) for n in args.clients]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+        tmp.cleanup()
     single = rows[0]["aggregate_tok_s"]
     for r in rows:
         r["vs_single_stream"] = r["aggregate_tok_s"] / single

@@ -23,6 +23,10 @@ class ScoutError(RuntimeError):
     """A Scout answered a request with an error, or could not be reached."""
 
 
+class ScoutUnreachable(ScoutError):
+    """The connection failed or timed out: the Scout is gone, route around it."""
+
+
 @dataclass(frozen=True)
 class ScoutAddress:
     peer_id: str
@@ -52,6 +56,7 @@ class ScoutConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self.dead = False
 
     @property
     def span(self) -> tuple[int, int]:
@@ -71,13 +76,17 @@ class ScoutConnection:
             self._writer.close()
 
     async def _request(self, kind: Kind, message, body: bytes = b""):
+        if self.dead:
+            raise ScoutUnreachable(f"Scout {self.address.peer_id} is gone")
         async with self._lock:
             message.id = next(self._ids)
             try:
                 await write_frame(self._writer, kind, message, body)
                 reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), self.timeout)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-                raise ScoutError(f"Scout {self.address.peer_id} failed: {e!r}") from e
+                self.dead = True
+                self._writer.close()
+                raise ScoutUnreachable(f"Scout {self.address.peer_id} failed: {e!r}") from e
         if reply.id != message.id:
             raise ScoutError(f"Scout {self.address.peer_id} answered request {reply.id}, expected {message.id}")
         if reply_kind == Kind.ERROR:
@@ -104,6 +113,17 @@ class ScoutConnection:
         await self._request(Kind.PING, Ping())
 
 
+def trim_chunks(chunks: list[int], length: int) -> list[int]:
+    """The feeding pattern of a session's first ``length`` positions."""
+    out, total = [], 0
+    for n in chunks:
+        if total >= length:
+            break
+        out.append(min(n, length - total))
+        total += out[-1]
+    return out
+
+
 def plan_chain(connections: list[ScoutConnection], n_layers: int) -> list[ScoutConnection]:
     """Scouts whose spans cover [0, n_layers) back to back, preferring the longest span at each step."""
     chain, position = [], 0
@@ -120,29 +140,121 @@ def plan_chain(connections: list[ScoutConnection], n_layers: int) -> list[ScoutC
 
 class RemotePipeline:
     """The engine's Pipeline over a chain of Scouts. Called on the engine's thread; the network
-    work runs on the event loop (``loop``) that owns the connections."""
+    work runs on the event loop (``loop``) that owns the connections.
 
-    def __init__(self, chain: list[ScoutConnection], loop: asyncio.AbstractEventLoop, wire_dtype: str = "float32"):
+    Failover: the pipeline keeps each session's inputs to the first hop (its embedded tokens)
+    and how they were fed (prompt chunks, then one token per step). When a hop's Scout becomes
+    unreachable, a spare serving the same span takes its place, and every session's cache there is
+    rebuilt from that history before the session's next step, in the same chunks, so the rebuilt
+    cache is bit-identical to the lost one (a single prefill of the whole history would differ in
+    the last bits, enough to flip near-tied tokens later). The client sees a pause, not an error.
+    """
+
+    def __init__(self, chain: list[ScoutConnection], loop: asyncio.AbstractEventLoop, wire_dtype: str = "float32",
+                 spares: list[ScoutConnection] | None = None):
         self.chain = chain
+        self.spares = list(spares or [])
         self.loop = loop
         self.wire_dtype = wire_dtype
+        self.history: dict[str, torch.Tensor] = {}
+        self.chunks: dict[str, list[int]] = {}
+        self.stale: dict[int, set[str]] = {}
+        self.failovers = 0
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        for hop in self.chain:
-            hidden = self._run(hop.forward(hidden, requests, self.wire_dtype))
-        return hidden.float()
+        x = hidden
+        for i in range(len(self.chain)):
+            x = self._hop_forward(i, x, requests)
+        offset = 0
+        for r in requests:
+            rows = hidden[offset:offset + r.n_tokens].float()
+            offset += r.n_tokens
+            before = self.history.get(r.session)
+            self.history[r.session] = rows if before is None else torch.cat([before[: r.start], rows])
+            self.chunks[r.session] = trim_chunks(self.chunks.get(r.session, []), r.start) + [r.n_tokens]
+        return x.float()
+
+    def _hop_forward(self, i: int, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        while True:
+            try:
+                self._replay(i, requests)
+                return self._run(self.chain[i].forward(x, requests, self.wire_dtype))
+            except ScoutUnreachable as e:
+                log.warning("hop %d: %s", i, e)
+                self._replace_dead()
+
+    def _replace_dead(self) -> None:
+        for i, hop in enumerate(self.chain):
+            if hop.dead:
+                self._replace(i)
+
+    def _replace(self, i: int) -> None:
+        old = self.chain[i]
+        spare = next((c for c in self.spares if c.span == old.span and not c.dead), None)
+        if spare is None:
+            raise ScoutUnreachable(f"no Scout left for blocks [{old.span[0]}, {old.span[1]}) after {old.address.peer_id} failed")
+        self.spares.remove(spare)
+        self.chain[i] = spare
+        self.stale[i] = set(self.history)
+        self.failovers += 1
+        log.warning("blocks [%d, %d) moved from %s to %s; %d sessions will be replayed", old.span[0], old.span[1],
+                    old.address.peer_id, spare.address.peer_id, len(self.stale[i]))
+
+    def _replay(self, i: int, requests: list[SpanRequest]) -> None:
+        stale = self.stale.get(i)
+        if not stale:
+            return
+        for r in requests:
+            if r.session not in stale:
+                continue
+            history = self.history.get(r.session)
+            position = 0
+            scratch = f"{r.session}~replay"
+            for n in trim_chunks(self.chunks.get(r.session, []), r.start):
+                x = history[position:position + n]
+                for hop in self.chain[:i]:
+                    x = self._run(hop.forward(x, [SpanRequest(scratch, position, n)], self.wire_dtype))
+                self._run(self.chain[i].forward(x, [SpanRequest(r.session, position, n)], self.wire_dtype))
+                position += n
+            for hop in self.chain[:i]:
+                self._run(hop.free(scratch))
+            stale.discard(r.session)
+
+    def _each_hop(self, session: str, make, also_stale: str | None = None) -> None:
+        """Send one cache operation for ``session`` to every hop, except hops where its cache is
+        due to be rebuilt anyway (there ``also_stale`` is marked for rebuilding too)."""
+        for i in range(len(self.chain)):
+            stale = self.stale.get(i, set())
+            if session in stale:
+                if also_stale is not None:
+                    stale.add(also_stale)
+                continue
+            try:
+                self._run(make(self.chain[i]))
+            except ScoutUnreachable as e:
+                log.warning("hop %d: %s", i, e)
+                self._replace_dead()
+                if also_stale is not None:
+                    self.stale[i].add(also_stale)
 
     def rollback(self, session: str, length: int) -> None:
-        for hop in self.chain:
-            self._run(hop.rollback(session, length))
+        if session in self.history:
+            self.history[session] = self.history[session][:length]
+            self.chunks[session] = trim_chunks(self.chunks[session], length)
+        self._each_hop(session, lambda hop: hop.rollback(session, length))
 
     def fork(self, source: str, target: str) -> None:
-        for hop in self.chain:
-            self._run(hop.fork(source, target))
+        if source in self.history:
+            self.history[target] = self.history[source]
+            self.chunks[target] = list(self.chunks[source])
+        self._each_hop(source, lambda hop: hop.fork(source, target), also_stale=target)
 
     def free(self, session: str) -> None:
-        for hop in self.chain:
-            self._run(hop.free(session))
+        self.history.pop(session, None)
+        self.chunks.pop(session, None)
+        self._each_hop(session, lambda hop: hop.free(session))
+        for stale in self.stale.values():
+            stale.discard(session)

@@ -33,7 +33,8 @@ class StaticSwarm:
                 raise ScoutError(f"cannot reach Scout {address.peer_id} at {address.host}:{address.port}: {result}")
             self.connections.append(result)
         chain = plan_chain(self.connections, n_layers)
-        self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype)
+        spares = [c for c in self.connections if c not in chain]
+        self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype, spares)
         log.warning("Oracle %s runs blocks on %s", self.identity.peer_id,
                     " → ".join(f"{c.address.peer_id[-8:]}[{c.span[0]}:{c.span[1]})" for c in chain))
 

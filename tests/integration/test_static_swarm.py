@@ -92,3 +92,31 @@ def test_uncovered_blocks_are_a_clear_startup_error(scouts, tmp_path):
     with pytest.raises(RuntimeError):
         OracleProcess(tmp_path, "--scouts", scouts[1].address)
     assert "no Scout serves block 0" in open(next(tmp_path.glob("oracle-*.log"))).read()
+
+
+def test_killing_a_scout_mid_stream_fails_over_to_a_replica(tmp_path_factory, server, model_id, tmp_path):
+    """SIGKILL the Scout serving the second hop while a stream is running: a replica takes over,
+    the session is replayed into it, and the client gets the same tokens without an error."""
+    made = []
+    try:
+        for span in ("0:11", "11:30", "11:30"):
+            made.append(ScoutProcess(tmp_path_factory.mktemp("fo"), span))
+        swarm = OracleProcess(tmp_path, "--scouts", ",".join(s.address for s in made))
+        try:
+            kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+                      temperature=0, max_tokens=40)
+            expected = openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY).chat.completions.create(**kw).choices[0].message.content
+            c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+            pieces = []
+            for i, chunk in enumerate(c.chat.completions.create(**kw, stream=True)):
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                if i == 5:
+                    made[1].proc.kill()  # the chain uses the first Scout given for a span
+            assert "".join(pieces) == expected
+            assert "moved from" in open(swarm.log_path).read()
+        finally:
+            swarm.stop()
+    finally:
+        for s in made:
+            s.stop()

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
     add_option(serve, "--scouts", default="", help="comma-separated PEER_ID@HOST:PORT of Scouts to run the blocks on "
                "(their spans must cover every block); all blocks run in this process when empty")
+    add_option(serve, "--local-scouts", default=0, type=int,
+               help="start this many Scout processes on this machine, each serving a span this Oracle assigns")
+    add_option(serve, "--local-scout-replicas", default=1, type=int,
+               help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                help="dtype of hidden states sent to Scouts (float32 keeps outputs identical to local runs)")
     add_model_options(serve)

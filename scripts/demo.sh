@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install everything and run the demo: an Oracle (with its embedded Redis) answers a question
-# through the OpenAI API, then keeps serving on http://127.0.0.1:${SHARD_PORT:-8000} until Ctrl-C.
+# Install everything and run the demo: an Oracle (with its embedded Redis) starts two Scout
+# processes, splits the model's blocks between them, answers a question through the OpenAI API,
+# then keeps serving on http://127.0.0.1:${SHARD_PORT:-8000} until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 port="${SHARD_PORT:-8000}"
 export SHARD_ADMIN_KEY="${SHARD_ADMIN_KEY:-sk-oracle-demo-$(python -c 'import secrets; print(secrets.token_urlsafe(32))')}"
-shard-oracle serve --port "$port" --log-level info &
+shard-oracle serve --port "$port" --local-scouts 2 --log-level info &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid' EXIT INT TERM
 python scripts/demo_request.py "http://127.0.0.1:$port" "$SHARD_ADMIN_KEY" "${1:-What is the capital of France?}"

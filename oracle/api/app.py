@@ -54,6 +54,8 @@ ROUTES += [
     Route("GET", "/chat/completions/{completion_id}/messages", routes.stored_messages,
           "List the messages of a stored chat completion", response=schemas.StoredMessageList),
 ]
+ROUTES.append(Route("GET", "/cluster/status", routes.cluster_status, "Swarm coverage, Scouts and load (admin)",
+                    response=schemas.ClusterStatus))
 UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 

@@ -96,7 +96,7 @@ async def job_events(job: Job, request: web.Request, scheduler: Scheduler):
                     return
                 continue
             if isinstance(item, GenerationFailed):
-                raise APIError(503, f"Generation failed: {item}", type="server_error", code="generation_failed")
+                raise APIError(503, f"Generation failed: {item}", type="server_error", code=item.code, headers={"Retry-After": "5"})
             yield item
     finally:
         if not job.finished:

@@ -17,7 +17,7 @@ from .generation import (
     choice_logprobs, job_events, make_sequences, sampling_params, submit, usage_of,
 )
 from .schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
+    AssistantMessage, ChatChoice, ClusterStatus, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
     ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, Health, MetadataUpdate,
     ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList,
 )
@@ -311,6 +311,27 @@ async def get_model(request: web.Request) -> web.Response:
     if name not in state.model_ids:
         raise model_not_found(name)
     return web.json_response(text=ModelCard(id=name, created=state.created).model_dump_json())
+
+
+async def cluster_status(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not request["key"].is_admin:
+        raise APIError(403, "Cluster status needs an admin key", type="permission_error", code="admin_required")
+    sched = state.scheduler
+    common = dict(model=state.model_ids[0], n_layers=state.n_layers, running_sequences=sched.running_sequences,
+                  waiting_requests=len(sched.waiting), tokens_generated=sched.tokens_generated, steps=sched.steps)
+    if state.swarm is None:
+        body = ClusterStatus(mode="local", oracle_peer_id=None, wire_dtype=None, coverage=[1] * state.n_layers, chain=[],
+                             scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.span.kv.sessions), **common)
+    else:
+        swarm = state.swarm.status()
+        coverage = [0] * state.n_layers
+        for scout in swarm["scouts"]:
+            if scout["state"] in ("active", "spare"):
+                for block in range(*scout["span"]):
+                    coverage[block] += 1
+        body = ClusterStatus(mode="swarm", coverage=coverage, **swarm, **common)
+    return web.json_response(text=body.model_dump_json())
 
 
 async def health(request: web.Request) -> web.Response:

@@ -329,3 +329,32 @@ class StoredMessageList(Schema):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+# Cluster
+
+
+class ScoutStatus(Schema):
+    peer_id: str
+    address: str
+    span: tuple[int, int]
+    state: Literal["active", "spare", "dead", "unused"]
+    requests: int
+    last_ms: float
+
+
+class ClusterStatus(Schema):
+    model: str
+    n_layers: int
+    mode: Literal["local", "swarm"]
+    oracle_peer_id: str | None
+    wire_dtype: str | None
+    coverage: list[int]  # live Scouts serving each block (the Oracle itself in local mode)
+    chain: list[str]
+    scouts: list[ScoutStatus]
+    failovers: int
+    sessions: int
+    running_sequences: int
+    waiting_requests: int
+    tokens_generated: int
+    steps: int

@@ -19,8 +19,9 @@ from aiohttp import web
 from oracle.engine.local import build_local_model
 from oracle.engine.scheduler import Scheduler
 from oracle.store.redis_server import EmbeddedRedis
-from oracle.swarm.static import StaticSwarm
+from oracle.swarm.local_scouts import start_local_scouts
 from oracle.swarm.remote import ScoutAddress
+from oracle.swarm.static import StaticSwarm
 from shard_common.identity import Identity
 from shard_common.main_thread import MainThreadExecutor, run_servers
 from shard_common.model.loader import resolve_model_path
@@ -48,8 +49,16 @@ async def run_site(app: web.Application, host: str, port: int, stop: asyncio.Eve
 def serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
-    swarm = StaticSwarm(scouts, Identity.load_or_create(Path(args.data_dir) / "identity.key"), args.wire_dtype) if scouts else None
+    swarm = None
+    if scouts or args.local_scouts:
+        swarm = StaticSwarm(scouts, Identity.load_or_create(Path(args.data_dir) / "identity.key"), args.wire_dtype)
     local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline=swarm)
+    local_scouts = []
+    if args.local_scouts:
+        extra = ["--backend", args.backend] + (["--model", args.model] if args.model else [])
+        local_scouts = start_local_scouts(local.weights.config.n_layers, args.local_scouts, args.local_scout_replicas,
+                                          Path(args.data_dir) / "local-scouts", extra)
+        swarm.addresses += [s.address for s in local_scouts]
     name = args.served_model_name or path.stem
     aliases = [a.strip() for a in args.model_aliases.split(",") if a.strip()]
     fingerprint = "fp_" + hashlib.sha256(f"{name}:{args.backend}".encode()).hexdigest()[:10]
@@ -59,9 +68,11 @@ def serve(args: argparse.Namespace) -> int:
         scheduler=Scheduler(local.engine, max_running=args.max_running, max_queued=args.max_queued, executor=executor),
         model_ids=[name, *aliases],
         context_length=local.engine.context_length,
+        n_layers=local.weights.config.n_layers,
         created=int(time.time()),
         fingerprint=fingerprint,
         limits=RequestLimits(max_n=args.max_n),
+        swarm=swarm,
     )
     app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     embedded = None
@@ -95,3 +106,5 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+        for scout in local_scouts:
+            scout.stop()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from oracle.engine.scheduler import Scheduler
 from oracle.store.completions import CompletionStore
+from oracle.swarm.static import StaticSwarm
 from shard_common.tokenizer import Tokenizer
 
 from .auth import Authenticator, RateLimits
@@ -19,6 +20,7 @@ class OracleState:
     scheduler: Scheduler
     model_ids: list[str]
     context_length: int
+    n_layers: int
     created: int
     fingerprint: str
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -26,3 +28,4 @@ class OracleState:
     rate_limits: RateLimits | None = None
     completions: CompletionStore | None = None
     store_by_default: bool = True
+    swarm: StaticSwarm | None = None  # None: every block runs in this process

@@ -19,7 +19,9 @@ class Overloaded(RuntimeError):
 
 
 class GenerationFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, code: str = "generation_failed"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -141,7 +143,8 @@ class Scheduler:
                 for job in self.running:
                     for s in job.seqs:
                         s.abort("error")
-                    job.events.put_nowait(GenerationFailed(str(e)))
+                    # Errors may name their API code (a swarm with no route left says "no_route").
+                    job.events.put_nowait(GenerationFailed(str(e), getattr(e, "api_code", "generation_failed")))
                 continue
             self.steps += 1
             self.tokens_generated += len(events)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ class ScoutError(RuntimeError):
 class ScoutUnreachable(ScoutError):
     """The connection failed or timed out: the Scout is gone, route around it."""
 
+    api_code = "no_route"
+
 
 @dataclass(frozen=True)
 class ScoutAddress:
@@ -43,6 +46,10 @@ class ScoutAddress:
         except ValueError:
             raise ValueError(f"a Scout address looks like PEER_ID@HOST:PORT, not {text!r}") from None
 
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.peer_id}@{host}:{self.port}"
+
 
 class ScoutConnection:
     """One authenticated connection; requests are sent one at a time (the engine steps serially)."""
@@ -57,6 +64,8 @@ class ScoutConnection:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self.dead = False
+        self.requests = 0
+        self.last_ms = 0.0
 
     @property
     def span(self) -> tuple[int, int]:
@@ -80,9 +89,12 @@ class ScoutConnection:
             raise ScoutUnreachable(f"Scout {self.address.peer_id} is gone")
         async with self._lock:
             message.id = next(self._ids)
+            started = time.perf_counter()
             try:
                 await write_frame(self._writer, kind, message, body)
                 reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), self.timeout)
+                self.requests += 1
+                self.last_ms = (time.perf_counter() - started) * 1000
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 self.dead = True
                 self._writer.close()

@@ -42,6 +42,26 @@ class StaticSwarm:
         for c in self.connections:
             await c.close()
 
+    def status(self) -> dict:
+        """Who serves which blocks, for /v1/cluster/status."""
+        pipeline = self.pipeline
+        chain = pipeline.chain if pipeline else []
+        spares = pipeline.spares if pipeline else []
+        scouts = []
+        for c in self.connections:
+            state = "dead" if c.dead else "active" if c in chain else "spare" if c in spares else "unused"
+            scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}",
+                           "span": list(c.span), "state": state, "requests": c.requests,
+                           "last_ms": round(c.last_ms, 3)})
+        return {
+            "oracle_peer_id": self.identity.peer_id,
+            "wire_dtype": self.wire_dtype,
+            "chain": [c.address.peer_id for c in chain],
+            "scouts": scouts,
+            "failovers": pipeline.failovers if pipeline else 0,
+            "sessions": len(pipeline.history) if pipeline else 0,
+        }
+
     def _ready(self) -> RemotePipeline:
         if self.pipeline is None:
             raise ScoutError("the Scouts are not connected yet")

@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import time
-
 import openai
+import requests
 import pytest
+
+from oracle.swarm.local_scouts import LocalScout
 
 from .conftest import ADMIN_KEY, OracleProcess
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 
 
-class ScoutProcess:
-    def __init__(self, data_dir, span: str, *extra: str):
-        self.log_path = data_dir / "scout.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "scout.cli", "--span", span, "--data-dir", str(data_dir), *extra],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        deadline = time.monotonic() + 120
-        self.address = None
-        while self.address is None and time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"scout exited with {self.proc.returncode}; see {self.log_path}")
-            m = re.match(r"scout (\S+) span", line)
-            if m:
-                self.address = m.group(1)
-        if self.address is None:
-            raise TimeoutError("scout did not start")
-
-    @property
-    def peer_id(self) -> str:
-        return self.address.split("@")[0]
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def scouts(tmp_path_factory):
     made = []
     try:
-        for span in ("0:11", "11:30"):
-            made.append(ScoutProcess(tmp_path_factory.mktemp("scout"), span))
+        for span in ((0, 11), (11, 30)):
+            made.append(LocalScout(span, tmp_path_factory.mktemp("scout")))
         yield made
     finally:
         for s in made:
@@ -65,7 +32,7 @@ def answers(url: str, model_id: str) -> list[str]:
 
 
 def test_swarm_output_identical_to_single_process(scouts, server, model_id, tmp_path):
-    swarm = OracleProcess(tmp_path, "--scouts", ",".join(s.address for s in scouts))
+    swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in scouts))
     try:
         assert answers(swarm.url, model_id) == answers(server, model_id)
         c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
@@ -81,16 +48,16 @@ def test_swarm_output_identical_to_single_process(scouts, server, model_id, tmp_
 
 def test_oracle_refuses_a_scout_with_the_wrong_identity(scouts, tmp_path):
     real, other = scouts
-    forged = other.peer_id + "@" + real.address.split("@")[1]  # right address, someone else's peer id
+    forged = f"{other.address.peer_id}@{real.address.host}:{real.address.port}"  # right address, someone else's peer id
     with pytest.raises(RuntimeError):
-        OracleProcess(tmp_path, "--scouts", forged + "," + other.address)
+        OracleProcess(tmp_path, "--scouts", forged + "," + str(other.address))
     log = open(next(tmp_path.glob("oracle-*.log"))).read()
     assert "not the expected" in log
 
 
 def test_uncovered_blocks_are_a_clear_startup_error(scouts, tmp_path):
     with pytest.raises(RuntimeError):
-        OracleProcess(tmp_path, "--scouts", scouts[1].address)
+        OracleProcess(tmp_path, "--scouts", str(scouts[1].address))
     assert "no Scout serves block 0" in open(next(tmp_path.glob("oracle-*.log"))).read()
 
 
@@ -99,9 +66,9 @@ def test_killing_a_scout_mid_stream_fails_over_to_a_replica(tmp_path_factory, se
     the session is replayed into it, and the client gets the same tokens without an error."""
     made = []
     try:
-        for span in ("0:11", "11:30", "11:30"):
-            made.append(ScoutProcess(tmp_path_factory.mktemp("fo"), span))
-        swarm = OracleProcess(tmp_path, "--scouts", ",".join(s.address for s in made))
+        for span in ((0, 11), (11, 30), (11, 30)):
+            made.append(LocalScout(span, tmp_path_factory.mktemp("fo")))
+        swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in made))
         try:
             kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
                       temperature=0, max_tokens=40)
@@ -120,3 +87,19 @@ def test_killing_a_scout_mid_stream_fails_over_to_a_replica(tmp_path_factory, se
     finally:
         for s in made:
             s.stop()
+
+
+def test_local_scouts_demo_and_cluster_status(tmp_path, server, model_id):
+    """`serve --local-scouts 2`: the Oracle starts and places its own Scouts."""
+    swarm = OracleProcess(tmp_path, "--local-scouts", "2")
+    try:
+        assert answers(swarm.url, model_id)[:1] == answers(server, model_id)[:1]
+        status = requests.get(swarm.url + "/v1/cluster/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+        assert status["mode"] == "swarm" and status["coverage"] == [1] * 30
+        assert sorted(tuple(s["span"]) for s in status["scouts"]) == [(0, 15), (15, 30)]
+        assert all(s["state"] == "active" and s["requests"] > 0 for s in status["scouts"])
+        local = requests.get(server + "/cluster/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+        assert local["mode"] == "local" and local["coverage"] == [1] * 30
+    finally:
+        swarm.stop()
+    assert "local Scout 1 serves blocks [15, 30)" in open(swarm.log_path).read()

@@ -98,6 +98,8 @@ def test_key_lifecycle_via_cli(oracle, model_id):
     assert listing.returncode == 0 and "carol" in listing.stdout and key not in listing.stdout and key[:14] in listing.stdout
     c = client(oracle.url, key)
     assert c.models.list().data[0].id == model_id
+    forbidden = requests.get(oracle.url + "/v1/cluster/status", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "admin_required"
     assert cli("revoke", "carol", data_dir=data_dir).returncode == 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

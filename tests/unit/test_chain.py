@@ -27,5 +27,6 @@ def test_plan_chain_prefers_long_spans_and_reports_gaps():
 def test_scout_address_parsing():
     assert ScoutAddress.parse("12D3KooWx@127.0.0.1:9000") == ScoutAddress("12D3KooWx", "127.0.0.1", 9000)
     assert ScoutAddress.parse("p@[::1]:9").host == "::1"
+    assert str(ScoutAddress.parse("p@[::1]:9")) == "p@[::1]:9"
     with pytest.raises(ValueError):
         ScoutAddress.parse("no-port")

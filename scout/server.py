@@ -17,7 +17,7 @@ from shard_common.dataplane import HandshakeError, accept, server_context
 from shard_common.identity import Identity
 from shard_common.model.kv_cache import KVBudgetExceeded, UnknownSession
 from shard_common.model.span import SessionOutOfStep, Span, SpanRequest
-from shard_common.protocol import Close, Error, Fork, Forward, Kind, Result, Rollback, Welcome
+from shard_common.protocol import Error, Forward, Kind, Result, Welcome
 from shard_common.wire import DTYPES, FrameError, read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
 log = logging.getLogger(__name__)

@@ -144,41 +144,56 @@ async def finish_chat(request: web.Request, req: ChatCompletionRequest, body: Ch
 def content_tokens(seq: Sequence):
     """The tokens that make up the answer: not a final end-of-sequence token."""
     out = seq.output
-    if out and out[-1].token in seq.tokenizer.stop_ids and not seq.params.ignore_eos:
+    if out and seq.is_stop_token(out[-1].token):
         out = out[:-1]
     return out
 
 
-async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req, reserved: int) -> web.StreamResponse:
+async def stream_job(request: web.Request, job, on_event, before=None, after=None) -> web.StreamResponse:
+    """SSE around a job: ``before(response)``, then ``on_event(response, index, event)`` per token,
+    ``after(response)`` once every choice finished, then ``[DONE]``. A failure mid-stream becomes
+    an error event; a client that went away cancels the job."""
+    scheduler = request.app[STATE].scheduler
     response = await start_sse(request)
+    try:
+        if before is not None:
+            await before(response)
+        async for index, event in job_events(job, request, scheduler):
+            await on_event(response, index, event)
+        if job.finished and after is not None:
+            await after(response)
+        await sse(response, "[DONE]")
+    except APIError as e:
+        await sse_error(response, e)
+    except ConnectionError:
+        scheduler.cancel(job)
+    return response
 
+
+async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req, reserved: int) -> web.StreamResponse:
     def chunk(choices, usage=None):
         return ChatCompletionChunk(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
                                    choices=choices, usage=usage)
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    try:
+    async def before(response):
         for i in range(len(seqs)):
             await sse(response, chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))]))
-        async for index, event in job_events(job, request, state.scheduler):
-            seq = seqs[index]
-            is_eos = event.finish_reason == "stop" and event.choice.token in state.tokenizer.stop_ids and not seq.params.ignore_eos
-            logprobs = choice_logprobs(state.tokenizer, [event.choice]) if req.logprobs and not is_eos else None
-            if event.text or logprobs is not None:
-                await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(content=event.text), logprobs=logprobs)]))
-            if event.finish_reason:
-                await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=event.finish_reason)]))
-        if job.finished:
-            # Stored before [DONE], so a client that retrieves it right after the stream finds it.
-            await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
-            if include_usage:
-                await sse(response, chunk([], usage_of(prompt_len, seqs)))
-        await sse(response, "[DONE]")
-    except APIError as e:
-        await sse_error(response, e)
-    except (ConnectionResetError, ConnectionError):
-        state.scheduler.cancel(job)
-    return response
+
+    async def on_event(response, index, event):
+        wants = req.logprobs and not seqs[index].is_stop_token(event.choice.token)
+        logprobs = choice_logprobs(state.tokenizer, [event.choice]) if wants else None
+        if event.text or logprobs is not None:
+            await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(content=event.text), logprobs=logprobs)]))
+        if event.finish_reason:
+            await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=event.finish_reason)]))
+
+    async def after(response):
+        # Stored before [DONE], so a client that retrieves it right after the stream finds it.
+        await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
+        if req.stream_options and req.stream_options.include_usage:
+            await sse(response, chunk([], usage_of(prompt_len, seqs)))
+
+    return await stream_job(request, job, on_event, before, after)
 
 
 # --- legacy completions ------------------------------------------------------------------------
@@ -269,31 +284,28 @@ def completion_logprobs(tok, choices, offset: int) -> CompletionLogprobs:
 
 
 async def stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req) -> web.StreamResponse:
-    response = await start_sse(request)
     tok = state.tokenizer
     flat = [(ids, s) for ids, seqs in groups for s in seqs]
 
     def chunk(choices, usage=None):
         return Completion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint, choices=choices, usage=usage)
 
-    try:
+    async def before(response):
         if req.echo:
             for i, (ids, _) in enumerate(flat):
                 await sse(response, chunk([CompletionChoice(index=i, text=tok.decode(ids), finish_reason=None)]))
-        async for index, event in job_events(job, request, state.scheduler):
-            seq = flat[index][1]
-            is_eos = event.finish_reason == "stop" and event.choice.token in tok.stop_ids and not seq.params.ignore_eos
-            logprobs = completion_logprobs(tok, [event.choice], 0) if req.logprobs is not None and not is_eos else None
-            if event.text or logprobs is not None or event.finish_reason:
-                await sse(response, chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)]))
-        if req.stream_options and req.stream_options.include_usage and job.finished:
+
+    async def on_event(response, index, event):
+        wants = req.logprobs is not None and not flat[index][1].is_stop_token(event.choice.token)
+        logprobs = completion_logprobs(tok, [event.choice], 0) if wants else None
+        if event.text or logprobs is not None or event.finish_reason:
+            await sse(response, chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)]))
+
+    async def after(response):
+        if req.stream_options and req.stream_options.include_usage:
             await sse(response, chunk([], usage_of(prompt_tokens, [s for _, s in flat])))
-        await sse(response, "[DONE]")
-    except APIError as e:
-        await sse_error(response, e)
-    except (ConnectionResetError, ConnectionError):
-        state.scheduler.cancel(job)
-    return response
+
+    return await stream_job(request, job, on_event, before, after)
 
 
 # --- models and health ------------------------------------------------------------------------------

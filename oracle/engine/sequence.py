@@ -53,11 +53,13 @@ class Sequence:
     def text(self) -> str:
         return self.assembler.text
 
+    def is_stop_token(self, token: int) -> bool:
+        return token in self.tokenizer.stop_ids and not self.params.ignore_eos
+
     def append(self, choice: TokenChoice) -> TokenEvent:
         token = choice.token
         self.output.append(choice)
-        is_stop_token = token in self.tokenizer.stop_ids and not self.params.ignore_eos
-        if is_stop_token:
+        if self.is_stop_token(token):
             self.finish_reason = "stop"
             return TokenEvent(choice, self.assembler.flush(), "stop")
         self.tokens.append(token)

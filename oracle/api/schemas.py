@@ -341,6 +341,10 @@ class ScoutStatus(Schema):
     state: Literal["active", "spare", "dead", "unused"]
     requests: int
     last_ms: float
+    forwards: int
+    overhead_ms: float | None  # mean round trip minus the Scout's compute time, per forward
+    tokens_forwarded: int
+    wire_bytes: int
 
 
 class ClusterStatus(Schema):

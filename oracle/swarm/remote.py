@@ -66,6 +66,12 @@ class ScoutConnection:
         self.dead = False
         self.requests = 0
         self.last_ms = 0.0
+        # Forward statistics: round trips vs the Scout's own compute time give the per-hop overhead.
+        self.forwards = 0
+        self.forward_ms = 0.0
+        self.compute_ms = 0.0
+        self.tokens = 0
+        self.wire_bytes = 0
 
     @property
     def span(self) -> tuple[int, int]:
@@ -109,7 +115,13 @@ class ScoutConnection:
     async def forward(self, hidden: torch.Tensor, requests: list[SpanRequest], dtype: str) -> torch.Tensor:
         message = Forward(sessions=[SessionSlice(session=r.session, start=r.start, n_tokens=r.n_tokens) for r in requests],
                           dtype=dtype, shape=tuple(hidden.shape))
-        reply, body = await self._request(Kind.FORWARD, message, tensor_to_bytes(hidden, dtype))
+        payload = tensor_to_bytes(hidden, dtype)
+        reply, body = await self._request(Kind.FORWARD, message, payload)
+        self.forwards += 1
+        self.forward_ms += self.last_ms
+        self.compute_ms += reply.compute_ms
+        self.tokens += hidden.shape[0]
+        self.wire_bytes += len(payload) + len(body)
         return tensor_from_bytes(body, reply.dtype, reply.shape)
 
     async def rollback(self, session: str, length: int) -> None:

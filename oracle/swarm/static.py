@@ -52,7 +52,9 @@ class StaticSwarm:
             state = "dead" if c.dead else "active" if c in chain else "spare" if c in spares else "unused"
             scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}",
                            "span": list(c.span), "state": state, "requests": c.requests,
-                           "last_ms": round(c.last_ms, 3)})
+                           "last_ms": round(c.last_ms, 3), "forwards": c.forwards,
+                           "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
+                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes})
         return {
             "oracle_peer_id": self.identity.peer_id,
             "wire_dtype": self.wire_dtype,

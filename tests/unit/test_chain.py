@@ -30,3 +30,11 @@ def test_scout_address_parsing():
     assert str(ScoutAddress.parse("p@[::1]:9")) == "p@[::1]:9"
     with pytest.raises(ValueError):
         ScoutAddress.parse("no-port")
+
+
+def test_peer_ids_match_libp2p():
+    """Vector computed with py-libp2p 0.8.1 (ID.from_pubkey of the Ed25519 key from seed 0x01*32)."""
+    from shard_common.identity import peer_id_of
+
+    key = bytes.fromhex("8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c")
+    assert peer_id_of(key) == "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"

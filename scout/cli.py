@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
     add_option(p, "--data-dir", default=str(Path.home() / ".shard" / "scout"), help="identity key and TLS files")
     add_option(p, "--memory-gb", default=2.0, type=float, help="memory budget for KV caches")
+    add_option(p, "--threads", default=0, type=int, help="torch threads for the span's math (0: torch's default, one per core)")
     add_option(p, "--allow-oracles", default="", help="comma-separated peer ids allowed to connect (empty: any)")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     return p
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .server import SpanServer
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     identity = Identity.load_or_create(data_dir / "identity.key")
     weights = load_weights(args.model)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,7 +56,10 @@ def serve(args: argparse.Namespace) -> int:
     local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline=swarm)
     local_scouts = []
     if args.local_scouts:
-        extra = ["--backend", args.backend] + (["--model", args.model] if args.model else [])
+        # Hops run one after another, so the Scouts share this machine's cores between them:
+        # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
+        threads = max(1, (os.cpu_count() or 1) // args.local_scouts)
+        extra = ["--backend", args.backend, "--threads", str(threads)] + (["--model", args.model] if args.model else [])
         local_scouts = start_local_scouts(local.weights.config.n_layers, args.local_scouts, args.local_scout_replicas,
                                           Path(args.data_dir) / "local-scouts", extra)
         swarm.addresses += [s.address for s in local_scouts]

@@ -74,7 +74,8 @@ class Engine:
                 done.append(s)
         events = []
         if rows:
-            logits = self.ends.logits(hidden[rows])
+            # Sampling state (generators, penalty counts) lives on the CPU whatever the device.
+            logits = self.ends.logits(hidden[rows]).cpu()
             for s, row in zip(done, logits):
                 events.append((s, s.append(s.sampler.choose(row))))
         return events

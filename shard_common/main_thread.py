@@ -68,8 +68,13 @@ def run_servers(main: Callable[[asyncio.Event, threading.Event], Awaitable[None]
             finished.set()
 
     def request_stop(signum, _frame) -> None:
+        if finished.is_set() or loop.is_closed():
+            return  # a second signal while already stopping (Ctrl-C reaches the whole process group)
         log.warning("%s received %s: finishing in-flight work, then stopping", name, signal.Signals(signum).name)
-        loop.call_soon_threadsafe(stop.set)
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)

@@ -30,7 +30,10 @@ def parse_span(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shard-scout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_option(p, "--span", default=None, type=parse_span, help="blocks [START, END) to serve, e.g. 0:15", required=False)
-    add_option(p, "--model", default=None, help="GGUF file or Hugging Face folder; the bundled SmolLM2-135M when unset")
+    add_option(p, "--oracle-url", default=None, help="download the span's shard files from this Oracle (http://host:port)")
+    add_option(p, "--shards", default=None, help="a shard set's manifest.json on this machine (what --local-scouts uses)")
+    add_option(p, "--model", default=None, help="load the span from this GGUF/HF model instead (the bundled one when "
+                                                 "neither --oracle-url nor --shards is given)")
     add_option(p, "--backend", default="quant", choices=["quant", "dense"], help="quant: 4/8-bit kernels (fast); dense: fp32")
     add_option(p, "--host", default="127.0.0.1", help="address the data plane listens on")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from shard_common.identity import Identity
     from shard_common.main_thread import MainThreadExecutor, run_servers
+    from shard_common.model import shards
     from shard_common.model.loader import load_weights
     from shard_common.model.runtime import Runtime
     from shard_common.model.span import Span
@@ -62,13 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     identity = Identity.load_or_create(data_dir / "identity.key")
-    weights = load_weights(args.model)
     start, end = args.span
+    if args.oracle_url:
+        manifest = shards.fetch(args.oracle_url.rstrip("/") + "/shards", data_dir / "shards", start, end)
+        weights = shards.load(manifest, start, end)
+    elif args.shards:
+        weights = shards.load(Path(args.shards), start, end)
+    else:
+        weights = load_weights(args.model)
     span = Span(weights, start, end, Runtime.pick(args.backend), kv_budget_bytes=int(args.memory_gb * (1 << 30)))
+    model_name = weights.name
     del weights
     executor = MainThreadExecutor()
     allowed = {p.strip() for p in args.allow_oracles.split(",") if p.strip()} or None
-    server = SpanServer(span, identity, args.model or "default", executor, data_dir / "tls", allowed)
+    server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed)
 
     async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         await server.start(args.host, args.data_port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -58,6 +59,7 @@ ROUTES.append(Route("GET", "/cluster/status", routes.cluster_status, "Swarm cove
                     response=schemas.ClusterStatus))
 UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
 PUBLIC_PATHS = {"/health", "/openapi.json"}
+SHARDS_PREFIX = "/shards/"  # the model's shard files, public like the model itself
 
 
 def error_status_type(status: int) -> str:
@@ -93,7 +95,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Sets request["key"] (the caller) and charges one request against its limits."""
-    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
+    if request.path in PUBLIC_PATHS or request.path.startswith(SHARDS_PREFIX) or request.match_info.http_exception is not None:
         return await handler(request)
     state: OracleState = request.app[routes.STATE]
     if state.auth is None:
@@ -140,7 +142,7 @@ def openapi_document(model_id: str) -> dict:
     }
 
 
-def create_app(state: OracleState, max_body_bytes: int = 4 << 20) -> web.Application:
+def create_app(state: OracleState, max_body_bytes: int = 4 << 20, shard_dir: Path | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=max_body_bytes)
     app.on_response_prepare.append(add_ratelimit_headers)
     app[routes.STATE] = state
@@ -156,6 +158,9 @@ def create_app(state: OracleState, max_body_bytes: int = 4 << 20) -> web.Applica
         return web.Response(text=document, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi)
+    if shard_dir is not None:
+        # Scouts download the blocks of their span from here (and check every sha256).
+        app.router.add_static(SHARDS_PREFIX.rstrip("/"), shard_dir, show_index=False, follow_symlinks=False)
 
     async def start_scheduler(_: web.Application) -> None:
         state.scheduler.start()

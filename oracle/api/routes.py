@@ -349,9 +349,11 @@ async def cluster_status(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     closing = state.scheduler.closing
-    body = Health(status="stopping" if closing else "ok", model=state.model_ids[0], ready=not closing,
+    routed = state.swarm is None or state.swarm.ready
+    status = "stopping" if closing else "ok" if routed else "no_route"
+    body = Health(status=status, model=state.model_ids[0], ready=status == "ok",
                   running_sequences=state.scheduler.running_sequences, waiting_requests=len(state.scheduler.waiting))
-    return web.json_response(text=body.model_dump_json(), status=503 if closing else 200)
+    return web.json_response(text=body.model_dump_json(), status=200 if body.ready else 503)
 
 
 # --- stored chat completions -------------------------------------------------------------------

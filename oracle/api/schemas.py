@@ -279,7 +279,7 @@ class ErrorResponse(Schema):
 
 
 class Health(Schema):
-    status: Literal["ok", "loading", "stopping"]
+    status: Literal["ok", "no_route", "stopping"]
     model: str | None
     ready: bool
     running_sequences: int

@@ -13,32 +13,66 @@ import torch
 from shard_common.identity import Identity
 from shard_common.model.span import SpanRequest
 
-from .remote import RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, plan_chain
+from .remote import RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable, plan_chain
 
 log = logging.getLogger(__name__)
 
 
 class StaticSwarm:
+    """Connects to the given Scouts in the background, retrying those it cannot reach, and plans
+    the chain once their spans cover every block. Until then (or when a span has lost every
+    Scout) requests get 503 ``no_route`` with the reason. A Scout that comes back at its address
+    with the same identity rejoins as a spare."""
+
+    RETRY_SECONDS = 1.0
+
     def __init__(self, addresses: list[ScoutAddress], identity: Identity, wire_dtype: str = "float32"):
         self.addresses = addresses
         self.identity = identity
         self.wire_dtype = wire_dtype
         self.connections: list[ScoutConnection] = []
         self.pipeline: RemotePipeline | None = None
+        self.problem = "connecting to the Scouts"
+        self._task: asyncio.Task | None = None
 
     async def connect(self, n_layers: int) -> None:
-        results = await asyncio.gather(*[ScoutConnection(a, self.identity).open() for a in self.addresses], return_exceptions=True)
-        for address, result in zip(self.addresses, results):
-            if isinstance(result, BaseException):
-                raise ScoutError(f"cannot reach Scout {address.peer_id} at {address.host}:{address.port}: {result}")
-            self.connections.append(result)
-        chain = plan_chain(self.connections, n_layers)
-        spares = [c for c in self.connections if c not in chain]
-        self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype, spares)
-        log.warning("Oracle %s runs blocks on %s", self.identity.peer_id,
-                    " → ".join(f"{c.address.peer_id[-8:]}[{c.span[0]}:{c.span[1]})" for c in chain))
+        self._task = asyncio.get_running_loop().create_task(self._maintain(n_layers))
+
+    async def _maintain(self, n_layers: int) -> None:
+        failures: dict[ScoutAddress, str] = {}
+        while True:
+            live = {c.address for c in self.connections if not c.dead}
+            for address in [a for a in self.addresses if a not in live]:
+                try:
+                    conn = await ScoutConnection(address, self.identity).open()
+                except Exception as e:  # unreachable, wrong identity, bad handshake: try again later
+                    if failures.get(address) != str(e):
+                        log.warning("cannot use Scout %s: %s", address, e)
+                    failures[address] = str(e)
+                    continue
+                failures.pop(address, None)
+                self.connections = [c for c in self.connections if c.address != address] + [conn]
+                if self.pipeline is not None:
+                    self.pipeline.spares.append(conn)
+            if self.pipeline is None:
+                try:
+                    chain = plan_chain([c for c in self.connections if not c.dead], n_layers)
+                except ScoutError as e:
+                    self.problem = str(e)
+                else:
+                    spares = [c for c in self.connections if c not in chain and not c.dead]
+                    self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype, spares)
+                    log.warning("Oracle %s runs blocks on %s", self.identity.peer_id,
+                                " → ".join(f"{c.address.peer_id[-8:]}[{c.span[0]}:{c.span[1]})" for c in chain))
+            await asyncio.sleep(self.RETRY_SECONDS)
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         for c in self.connections:
             await c.close()
 
@@ -66,7 +100,7 @@ class StaticSwarm:
 
     def _ready(self) -> RemotePipeline:
         if self.pipeline is None:
-            raise ScoutError("the Scouts are not connected yet")
+            raise ScoutUnreachable(f"no route through the swarm yet: {self.problem}")
         return self.pipeline
 
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:

@@ -18,13 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0, ready: bool = True) -> None:
+    """Until /health says ready (200), or with ``ready=False`` until the server answers at all."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
+            status = requests.get(url + "/health", timeout=2).status_code
+            if status == 200 or (not ready and status == 503):
                 return
         except requests.RequestException:
             pass
@@ -38,7 +40,7 @@ ADMIN_KEY = "sk-oracle-test-admin-" + "x" * 32
 class OracleProcess:
     """A real ``shard-oracle serve`` in its own data directory, stopped with SIGTERM."""
 
-    def __init__(self, data_dir, *extra: str, env: dict | None = None):
+    def __init__(self, data_dir, *extra: str, env: dict | None = None, ready: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(str(data_dir), f"oracle-{self.port}.log")
@@ -49,7 +51,7 @@ class OracleProcess:
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SHARD_ADMIN_KEY": ADMIN_KEY, **(env or {})},
         )
         try:
-            wait_ready(self.url, self.proc)
+            wait_ready(self.url, self.proc, ready=ready)
         except Exception:
             self.stop()
             raise

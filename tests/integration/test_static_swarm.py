@@ -46,19 +46,32 @@ def test_swarm_output_identical_to_single_process(scouts, server, model_id, tmp_
         swarm.stop()
 
 
-def test_oracle_refuses_a_scout_with_the_wrong_identity(scouts, tmp_path):
+def no_route_error(oracle: OracleProcess, model_id: str) -> dict:
+    assert requests.get(oracle.url + "/health", timeout=5).json()["status"] == "no_route"
+    c = openai.OpenAI(base_url=oracle.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as e:
+        c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert e.value.status_code == 503
+    return e.value.body
+
+
+def test_oracle_refuses_a_scout_with_the_wrong_identity(scouts, tmp_path, model_id):
     real, other = scouts
     forged = f"{other.address.peer_id}@{real.address.host}:{real.address.port}"  # right address, someone else's peer id
-    with pytest.raises(RuntimeError):
-        OracleProcess(tmp_path, "--scouts", forged + "," + str(other.address))
-    log = open(next(tmp_path.glob("oracle-*.log"))).read()
-    assert "not the expected" in log
+    oracle = OracleProcess(tmp_path, "--scouts", forged + "," + str(other.address), ready=False)
+    try:
+        assert no_route_error(oracle, model_id)["code"] == "no_route"
+        assert "not the expected" in open(oracle.log_path).read()
+    finally:
+        oracle.stop()
 
 
-def test_uncovered_blocks_are_a_clear_startup_error(scouts, tmp_path):
-    with pytest.raises(RuntimeError):
-        OracleProcess(tmp_path, "--scouts", str(scouts[1].address))
-    assert "no Scout serves block 0" in open(next(tmp_path.glob("oracle-*.log"))).read()
+def test_uncovered_blocks_answer_no_route(scouts, tmp_path, model_id):
+    oracle = OracleProcess(tmp_path, "--scouts", str(scouts[1].address), ready=False)
+    try:
+        assert "no Scout serves block 0" in no_route_error(oracle, model_id)["message"]
+    finally:
+        oracle.stop()
 
 
 def test_killing_a_scout_mid_stream_fails_over_to_a_replica(tmp_path_factory, server, model_id, tmp_path):

@@ -20,6 +20,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from shard_common.processes import stop_process
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "redis.sock"
@@ -83,12 +85,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout=10)
         self.process = None
 
 

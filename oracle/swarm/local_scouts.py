@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from shard_common.processes import stop_process
+
 from .remote import ScoutAddress
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,7 @@ class LocalScout:
         raise TimeoutError(f"scout did not start within {timeout}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

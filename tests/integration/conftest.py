@@ -11,6 +11,8 @@ import time
 import pytest
 import requests
 
+from shard_common.processes import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,11 +59,7 @@ class OracleProcess:
             raise
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, timeout=30)
         self.log.close()
 
 

@@ -54,6 +54,14 @@ class StaticSwarm:
                 self.connections = [c for c in self.connections if c.address != address] + [conn]
                 if self.pipeline is not None:
                     self.pipeline.spares.append(conn)
+            if self.pipeline is not None:
+                # Spares carry no traffic, so nothing else would notice one dying: ping them.
+                for spare in list(self.pipeline.spares):
+                    try:
+                        await spare.ping()
+                    except ScoutError:
+                        log.warning("spare Scout %s is gone", spare.address.peer_id)
+                self.pipeline.spares[:] = [c for c in self.pipeline.spares if not c.dead]
             if self.pipeline is None:
                 try:
                     chain = plan_chain([c for c in self.connections if not c.dead], n_layers)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import requests
 import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
-from .conftest import ADMIN_KEY, OracleProcess
+from .conftest import ADMIN_KEY, OracleProcess, free_port
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 
@@ -116,3 +118,39 @@ def test_local_scouts_demo_and_cluster_status(tmp_path, server, model_id):
     finally:
         swarm.stop()
     assert "local Scout 1 serves blocks [15, 30)" in open(swarm.log_path).read()
+
+
+def test_a_returning_scout_rejoins_as_a_spare_and_takes_over(tmp_path_factory, server, model_id, tmp_path):
+    made = []
+    try:
+        port = free_port()
+        spare_dir = tmp_path_factory.mktemp("spare")
+        made = [LocalScout((0, 11), tmp_path_factory.mktemp("a")), LocalScout((11, 30), tmp_path_factory.mktemp("b")),
+                LocalScout((11, 30), spare_dir, ["--data-port", str(port)])]
+        swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in made))
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+        def spare_state():
+            scouts = requests.get(swarm.url + "/v1/cluster/status", headers=headers, timeout=10).json()["scouts"]
+            return [s["state"] for s in scouts if s["peer_id"] == made[2].address.peer_id][-1]
+
+        def wait_for(state):
+            deadline = time.monotonic() + 30
+            while spare_state() != state and time.monotonic() < deadline:
+                time.sleep(0.3)
+            assert spare_state() == state
+
+        try:
+            wait_for("spare")
+            made[2].proc.kill()
+            wait_for("dead")
+            made[2].stop()
+            made[2] = LocalScout((11, 30), spare_dir, ["--data-port", str(port)])  # same identity, same address
+            wait_for("spare")
+            made[1].proc.kill()  # the chain's second hop: the returned Scout takes over
+            assert answers(swarm.url, model_id) == answers(server, model_id)
+        finally:
+            swarm.stop()
+    finally:
+        for s in made:
+            s.stop()

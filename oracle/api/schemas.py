@@ -355,6 +355,7 @@ class ClusterStatus(Schema):
     wire_dtype: str | None
     coverage: list[int]  # live Scouts serving each block (the Oracle itself in local mode)
     chain: list[str]
+    local_spans: list[tuple[int, int]]  # spans the Oracle computes itself (--fallback-local)
     scouts: list[ScoutStatus]
     failovers: int
     sessions: int

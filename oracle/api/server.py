@@ -21,12 +21,14 @@ from oracle.engine.local import build_local_model
 from oracle.engine.scheduler import Scheduler
 from oracle.store.redis_server import EmbeddedRedis
 from oracle.swarm.local_scouts import start_local_scouts
-from oracle.swarm.remote import ScoutAddress
+from oracle.swarm.remote import LocalHop, ScoutAddress
 from oracle.swarm.static import StaticSwarm
 from shard_common.identity import Identity
 from shard_common.main_thread import MainThreadExecutor, run_servers
 from shard_common.model import shards
 from shard_common.model.loader import resolve_model_path
+from shard_common.model.runtime import Runtime
+from shard_common.model.span import Span
 
 from . import storage
 from .app import create_app
@@ -63,6 +65,9 @@ def serve(args: argparse.Namespace) -> int:
     if scouts or args.local_scouts:
         swarm = StaticSwarm(scouts, Identity.load_or_create(Path(args.data_dir) / "identity.key"), args.wire_dtype)
     local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline=swarm)
+    if swarm is not None and args.fallback_local:
+        runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
+        swarm.fill = lambda start, end: LocalHop(Span(local.weights, start, end, runtime, kv_budget_bytes=budget))
     manifest = shards.convert(local.weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
                               Path(args.data_dir) / "shards")
     local_scouts = []

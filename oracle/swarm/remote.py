@@ -8,12 +8,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from shard_common.dataplane import connect
 from shard_common.identity import Identity
-from shard_common.model.span import SpanRequest
+from shard_common.model.span import Span, SpanRequest
 from shard_common.protocol import Close, Error, Fork, Forward, Kind, Ping, Rollback, SessionSlice, Welcome
 from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
@@ -148,11 +149,47 @@ def trim_chunks(chunks: list[int], length: int) -> list[int]:
     return out
 
 
-def plan_chain(connections: list[ScoutConnection], n_layers: int) -> list[ScoutConnection]:
-    """Scouts whose spans cover [0, n_layers) back to back, preferring the longest span at each step."""
+class LocalHop:
+    """Blocks the Oracle computes itself in place of a Scout (``--fallback-local``). Same methods
+    as a ScoutConnection, but synchronous: they run on the engine's thread."""
+
+    dead = False
+
+    def __init__(self, span: Span):
+        self.local = span
+        self.address = ScoutAddress("oracle-local", "-", 0)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.local.start, self.local.end
+
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest], dtype: str) -> torch.Tensor:
+        return self.local.forward(hidden, requests)
+
+    def rollback(self, session: str, length: int) -> None:
+        self.local.rollback(session, length)
+
+    def fork(self, source: str, target: str) -> None:
+        self.local.kv.fork(source, target)
+
+    def free(self, session: str) -> None:
+        self.local.free(session)
+
+
+LocalFactory = Callable[[int, int], LocalHop]
+
+
+def plan_chain(connections: list[ScoutConnection], n_layers: int, fill: LocalFactory | None = None) -> list:
+    """Scouts whose spans cover [0, n_layers) back to back, preferring the longest span at each
+    step; gaps are filled by ``fill`` (the Oracle's own blocks) when given."""
     chain, position = [], 0
     while position < n_layers:
         candidates = [c for c in connections if c.span[0] == position]
+        if not candidates and fill is not None:
+            gap_end = min((c.span[0] for c in connections if c.span[0] > position), default=n_layers)
+            chain.append(fill(position, gap_end))
+            position = gap_end
+            continue
         if not candidates:
             spans = sorted(c.span for c in connections)
             raise ScoutError(f"no Scout serves block {position}; the Scouts serve {spans} of {n_layers} blocks")
@@ -174,9 +211,10 @@ class RemotePipeline:
     the last bits, enough to flip near-tied tokens later). The client sees a pause, not an error.
     """
 
-    def __init__(self, chain: list[ScoutConnection], loop: asyncio.AbstractEventLoop, wire_dtype: str = "float32",
-                 spares: list[ScoutConnection] | None = None):
+    def __init__(self, chain: list, loop: asyncio.AbstractEventLoop, wire_dtype: str = "float32",
+                 spares: list[ScoutConnection] | None = None, fill: LocalFactory | None = None):
         self.chain = chain
+        self.fill = fill
         self.spares = list(spares or [])
         self.loop = loop
         self.wire_dtype = wire_dtype
@@ -185,8 +223,11 @@ class RemotePipeline:
         self.stale: dict[int, set[str]] = {}
         self.failovers = 0
 
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def _call(self, hop, method: str, *args):
+        """A Scout's request runs on the event loop that owns its connection; a LocalHop right here."""
+        if isinstance(hop, LocalHop):
+            return getattr(hop, method)(*args)
+        return asyncio.run_coroutine_threadsafe(getattr(hop, method)(*args), self.loop).result()
 
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
         x = hidden
@@ -205,7 +246,7 @@ class RemotePipeline:
         while True:
             try:
                 self._replay(i, requests)
-                return self._run(self.chain[i].forward(x, requests, self.wire_dtype))
+                return self._call(self.chain[i], "forward", x, requests, self.wire_dtype)
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
                 self._replace_dead()
@@ -218,9 +259,12 @@ class RemotePipeline:
     def _replace(self, i: int) -> None:
         old = self.chain[i]
         spare = next((c for c in self.spares if c.span == old.span and not c.dead), None)
-        if spare is None:
+        if spare is not None:
+            self.spares.remove(spare)
+        elif self.fill is not None:
+            spare = self.fill(*old.span)
+        else:
             raise ScoutUnreachable(f"no Scout left for blocks [{old.span[0]}, {old.span[1]}) after {old.address.peer_id} failed")
-        self.spares.remove(spare)
         self.chain[i] = spare
         self.stale[i] = set(self.history)
         self.failovers += 1
@@ -240,14 +284,14 @@ class RemotePipeline:
             for n in trim_chunks(self.chunks.get(r.session, []), r.start):
                 x = history[position:position + n]
                 for hop in self.chain[:i]:
-                    x = self._run(hop.forward(x, [SpanRequest(scratch, position, n)], self.wire_dtype))
-                self._run(self.chain[i].forward(x, [SpanRequest(r.session, position, n)], self.wire_dtype))
+                    x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype)
+                self._call(self.chain[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype)
                 position += n
             for hop in self.chain[:i]:
-                self._run(hop.free(scratch))
+                self._call(hop, "free", scratch)
             stale.discard(r.session)
 
-    def _each_hop(self, session: str, make, also_stale: str | None = None) -> None:
+    def _each_hop(self, session: str, method: str, *args, also_stale: str | None = None) -> None:
         """Send one cache operation for ``session`` to every hop, except hops where its cache is
         due to be rebuilt anyway (there ``also_stale`` is marked for rebuilding too)."""
         for i in range(len(self.chain)):
@@ -257,7 +301,7 @@ class RemotePipeline:
                     stale.add(also_stale)
                 continue
             try:
-                self._run(make(self.chain[i]))
+                self._call(self.chain[i], method, *args)
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
                 self._replace_dead()
@@ -268,17 +312,17 @@ class RemotePipeline:
         if session in self.history:
             self.history[session] = self.history[session][:length]
             self.chunks[session] = trim_chunks(self.chunks[session], length)
-        self._each_hop(session, lambda hop: hop.rollback(session, length))
+        self._each_hop(session, "rollback", session, length)
 
     def fork(self, source: str, target: str) -> None:
         if source in self.history:
             self.history[target] = self.history[source]
             self.chunks[target] = list(self.chunks[source])
-        self._each_hop(source, lambda hop: hop.fork(source, target), also_stale=target)
+        self._each_hop(source, "fork", source, target, also_stale=target)
 
     def free(self, session: str) -> None:
         self.history.pop(session, None)
         self.chunks.pop(session, None)
-        self._each_hop(session, lambda hop: hop.free(session))
+        self._each_hop(session, "free", session)
         for stale in self.stale.values():
             stale.discard(session)

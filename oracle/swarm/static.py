@@ -13,7 +13,9 @@ import torch
 from shard_common.identity import Identity
 from shard_common.model.span import SpanRequest
 
-from .remote import RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable, plan_chain
+from .remote import (
+    LocalFactory, LocalHop, RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable, plan_chain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ class StaticSwarm:
 
     RETRY_SECONDS = 1.0
 
-    def __init__(self, addresses: list[ScoutAddress], identity: Identity, wire_dtype: str = "float32"):
+    def __init__(self, addresses: list[ScoutAddress], identity: Identity, wire_dtype: str = "float32",
+                 fill: LocalFactory | None = None):
         self.addresses = addresses
+        self.fill = fill  # --fallback-local: the Oracle computes spans no Scout serves
         self.identity = identity
         self.wire_dtype = wire_dtype
         self.connections: list[ScoutConnection] = []
@@ -64,12 +68,12 @@ class StaticSwarm:
                 self.pipeline.spares[:] = [c for c in self.pipeline.spares if not c.dead]
             if self.pipeline is None:
                 try:
-                    chain = plan_chain([c for c in self.connections if not c.dead], n_layers)
+                    chain = plan_chain([c for c in self.connections if not c.dead], n_layers, self.fill)
                 except ScoutError as e:
                     self.problem = str(e)
                 else:
                     spares = [c for c in self.connections if c not in chain and not c.dead]
-                    self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype, spares)
+                    self.pipeline = RemotePipeline(chain, asyncio.get_running_loop(), self.wire_dtype, spares, self.fill)
                     log.warning("Oracle %s runs blocks on %s", self.identity.peer_id,
                                 " → ".join(f"{c.address.peer_id[-8:]}[{c.span[0]}:{c.span[1]})" for c in chain))
             await asyncio.sleep(self.RETRY_SECONDS)
@@ -101,6 +105,7 @@ class StaticSwarm:
             "oracle_peer_id": self.identity.peer_id,
             "wire_dtype": self.wire_dtype,
             "chain": [c.address.peer_id for c in chain],
+            "local_spans": [list(c.span) for c in chain if isinstance(c, LocalHop)],
             "scouts": scouts,
             "failovers": pipeline.failovers if pipeline else 0,
             "sessions": len(pipeline.history) if pipeline else 0,

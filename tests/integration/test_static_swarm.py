@@ -154,3 +154,14 @@ def test_a_returning_scout_rejoins_as_a_spare_and_takes_over(tmp_path_factory, s
     finally:
         for s in made:
             s.stop()
+
+
+def test_fallback_local_computes_uncovered_blocks(scouts, server, model_id, tmp_path):
+    """Only blocks 11..30 have a Scout; with --fallback-local the Oracle runs 0..11 itself."""
+    oracle = OracleProcess(tmp_path, "--scouts", str(scouts[1].address), "--fallback-local")
+    try:
+        assert answers(oracle.url, model_id) == answers(server, model_id)
+        status = requests.get(oracle.url + "/v1/cluster/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+        assert status["local_spans"] == [[0, 11]] and status["chain"][0] == "oracle-local"
+    finally:
+        oracle.stop()

@@ -38,3 +38,9 @@ def test_peer_ids_match_libp2p():
 
     key = bytes.fromhex("8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c")
     assert peer_id_of(key) == "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"
+
+
+def test_plan_chain_fills_gaps_with_local_blocks():
+    b = conn(10, 20, "b")
+    filled = plan_chain([b], 30, fill=lambda s, e: conn(s, e, f"local{s}-{e}"))
+    assert [x.name for x in filled] == ["local0-10", "b", "local20-30"]

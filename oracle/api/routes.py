@@ -334,7 +334,7 @@ async def cluster_status(request: web.Request) -> web.Response:
                   waiting_requests=len(sched.waiting), tokens_generated=sched.tokens_generated, steps=sched.steps)
     if state.swarm is None:
         body = ClusterStatus(mode="local", oracle_peer_id=None, wire_dtype=None, coverage=[1] * state.n_layers, chain=[], local_spans=[(0, state.n_layers)],
-                             scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.span.kv.sessions), **common)
+                             scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.local.kv.sessions), **common)
     else:
         swarm = state.swarm.status()
         coverage = [0] * state.n_layers

@@ -293,12 +293,17 @@ class StoredCompletion(ChatCompletion):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
-class StoredList(Schema):
+class CursorPage(Schema):
+    """OpenAI's cursor-paginated list: pass ``last_id`` as ``after`` for the next page."""
+
     object: Literal["list"] = "list"
-    data: list[StoredCompletion]
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class StoredList(CursorPage):
+    data: list[StoredCompletion]
 
 
 class MetadataUpdate(Schema):
@@ -323,12 +328,8 @@ class StoredMessage(Schema):
     name: str | None = None
 
 
-class StoredMessageList(Schema):
-    object: Literal["list"] = "list"
+class StoredMessageList(CursorPage):
     data: list[StoredMessage]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
 
 
 # Cluster

@@ -23,16 +23,16 @@ class LocalPipeline:
     """All blocks in this process."""
 
     def __init__(self, span: Span):
-        self.span = span
+        self.local = span
 
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        return self.span.forward(hidden, requests)
+        return self.local.forward(hidden, requests)
 
     def rollback(self, session: str, length: int) -> None:
-        self.span.rollback(session, length)
+        self.local.rollback(session, length)
 
     def fork(self, source: str, target: str) -> None:
-        self.span.kv.fork(source, target)
+        self.local.kv.fork(source, target)
 
     def free(self, session: str) -> None:
-        self.span.free(session)
+        self.local.free(session)

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from oracle.engine.pipeline import LocalPipeline
 from shard_common.dataplane import connect
 from shard_common.identity import Identity
 from shard_common.model.span import Span, SpanRequest
@@ -149,31 +150,22 @@ def trim_chunks(chunks: list[int], length: int) -> list[int]:
     return out
 
 
-class LocalHop:
-    """Blocks the Oracle computes itself in place of a Scout (``--fallback-local``). Same methods
-    as a ScoutConnection, but synchronous: they run on the engine's thread."""
+class LocalHop(LocalPipeline):
+    """Blocks the Oracle computes itself in place of a Scout (``--fallback-local``): the local
+    pipeline, shaped like a ScoutConnection, but synchronous (it runs on the engine's thread)."""
 
     dead = False
 
     def __init__(self, span: Span):
-        self.local = span
+        super().__init__(span)
         self.address = ScoutAddress("oracle-local", "-", 0)
 
     @property
     def span(self) -> tuple[int, int]:
         return self.local.start, self.local.end
 
-    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest], dtype: str) -> torch.Tensor:
-        return self.local.forward(hidden, requests)
-
-    def rollback(self, session: str, length: int) -> None:
-        self.local.rollback(session, length)
-
-    def fork(self, source: str, target: str) -> None:
-        self.local.kv.fork(source, target)
-
-    def free(self, session: str) -> None:
-        self.local.free(session)
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest], dtype: str = "float32") -> torch.Tensor:
+        return super().forward(hidden, requests)
 
 
 LocalFactory = Callable[[int, int], LocalHop]

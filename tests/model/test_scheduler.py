@@ -37,7 +37,7 @@ def test_jobs_share_steps_and_finish(engine, tokenizer):
     assert all(j.finished for j in jobs)
     tokens = sum(len(r) for r in results)
     assert steps < tokens  # sequences were batched together
-    assert engine.pipeline.span.kv.sessions == {}  # every cache was freed
+    assert engine.pipeline.local.kv.sessions == {}  # every cache was freed
 
 
 def test_queue_limit_and_shutdown_refuse_work(engine, tokenizer):
@@ -72,4 +72,4 @@ def test_cancel_frees_the_slot_and_caches(engine, tokenizer):
         return running
 
     assert asyncio.run(main()) == 0
-    assert engine.pipeline.span.kv.sessions == {}
+    assert engine.pipeline.local.kv.sessions == {}

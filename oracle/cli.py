@@ -78,10 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-queued", default=256, type=int, help="requests waiting beyond that; more get 503")
     add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
-    add_option(serve, "--scouts", default="", help="comma-separated PEER_ID@HOST:PORT of Scouts to run the blocks on "
-               "(their spans must cover every block); all blocks run in this process when empty")
+    add_option(serve, "--swarm", action="store_true", default=False,
+               help="run the blocks on Scouts that join over libp2p (shard-scout --bootstrap <the multiaddr this prints>)")
+    add_option(serve, "--p2p-port", default=7420, type=int, help="libp2p TCP port (fixed, so Scouts find a restarted Oracle)")
+    add_option(serve, "--p2p-host", default=None, help="address libp2p listens on (default: --host)")
+    add_option(serve, "--bootstrap", default="", help="comma-separated multiaddrs of swarm members to join through")
+    add_option(serve, "--mdns", action="store_true", default=False, help="also find Scouts on the LAN with mDNS")
+    add_option(serve, "--public-url", default=None, help="this Oracle's URL as Scouts reach it, for shard downloads "
+               "(default: http://HOST:PORT)")
+    add_option(serve, "--blocks-per-scout", default=0, type=int,
+               help="longest span a Scout is assigned (0: as many as its memory holds; with --local-scouts: an even split)")
+    add_option(serve, "--dead-after", default=3.0, type=float, help="seconds without a heartbeat before a Scout counts as dead")
+    add_option(serve, "--scouts", default="", help="comma-separated PEER_ID@HOST:PORT of Scouts started with --span "
+               "(no libp2p needed); combined with --swarm, both are used")
     add_option(serve, "--local-scouts", default=0, type=int,
-               help="start this many Scout processes on this machine, each serving a span this Oracle assigns")
+               help="start this many Scout processes on this machine; they join over libp2p and get spans like remote ones")
     add_option(serve, "--local-scout-replicas", default=1, type=int,
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,

@@ -1,8 +1,13 @@
-"""``shard-scout``: a volunteer node serving a span of blocks on the data plane.
+"""``shard-scout``: a volunteer node serving a span of transformer blocks for an Oracle.
 
-Today a Scout is told its span (``--span START:END``) and the Oracle is told where the Scouts
-are (``shard-oracle serve --scout PEER_ID@HOST:PORT``). Discovery over libp2p, where the Oracle
-assigns spans, is not built yet (see docs/status.md).
+Join a swarm:  shard-scout --bootstrap /ip4/HOST/tcp/PORT/p2p/ORACLE_PEER_ID
+  The Scout announces itself over libp2p, the Oracle assigns it a span, and the Scout downloads
+  those blocks from the Oracle (sha256-checked, cached under --data-dir) and serves them on its
+  data plane. It follows reassignments and finds the Oracle again after the Oracle restarts.
+  A Scout that knows any swarm member (another Scout) finds the Oracle through the DHT.
+
+Serve a fixed span without libp2p:  shard-scout --span 0:15 [--oracle-url URL | --shards PATH]
+  and give the Oracle its address: shard-oracle serve --scouts PEER_ID@HOST:PORT
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 
 from shard_common.settings import add_option, setup_logging
@@ -29,64 +35,127 @@ def parse_span(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shard-scout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_option(p, "--span", default=None, type=parse_span, help="blocks [START, END) to serve, e.g. 0:15", required=False)
-    add_option(p, "--oracle-url", default=None, help="download the span's shard files from this Oracle (http://host:port)")
+    add_option(p, "--bootstrap", default="", help="comma-separated multiaddrs of swarm members to join through "
+                                                   "(the Oracle prints its own at start)")
+    add_option(p, "--mdns", action="store_true", default=False, help="also find swarm members on the LAN with mDNS")
+    add_option(p, "--p2p-port", default=0, type=int, help="libp2p TCP port (0: any free port)")
+    add_option(p, "--span", default=None, type=parse_span, help="serve blocks [START, END) from the start instead of waiting "
+                                                                "for the Oracle to assign a span, e.g. 0:15")
+    add_option(p, "--oracle-url", default=None, help="download shard files from this Oracle (http://host:port) instead of "
+                                                     "the URL the Oracle announces")
     add_option(p, "--shards", default=None, help="a shard set's manifest.json on this machine (what --local-scouts uses)")
-    add_option(p, "--model", default=None, help="load the span from this GGUF/HF model instead (the bundled one when "
-                                                 "neither --oracle-url nor --shards is given)")
+    add_option(p, "--model", default=None, help="with --span and no shards: load the span from this GGUF/HF model "
+                                                 "(the bundled one when unset)")
     add_option(p, "--backend", default="quant", choices=["quant", "dense"], help="quant: 4/8-bit kernels (fast); dense: fp32")
-    add_option(p, "--host", default="127.0.0.1", help="address the data plane listens on")
+    add_option(p, "--host", default="127.0.0.1", help="address the data plane and libp2p listen on")
+    add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host)")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
-    add_option(p, "--data-dir", default=str(Path.home() / ".shard" / "scout"), help="identity key and TLS files")
-    add_option(p, "--memory-gb", default=2.0, type=float, help="memory budget for KV caches")
+    add_option(p, "--data-dir", default=str(Path.home() / ".shard" / "scout"), help="identity key, TLS files, shard cache")
+    add_option(p, "--memory-gb", default=2.0, type=float, help="memory for weights and KV caches; the Oracle sizes the span by it")
     add_option(p, "--threads", default=0, type=int, help="torch threads for the span's math (0: torch's default, one per core)")
-    add_option(p, "--allow-oracles", default="", help="comma-separated peer ids allowed to connect (empty: any)")
+    add_option(p, "--allow-oracles", default="", help="comma-separated peer ids allowed to connect and assign spans (empty: any)")
+    add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     return p
+
+
+def measure_throughput(span, steps: int = 8) -> float:
+    """Block-tokens per second of one-token decode steps on this span (what the Oracle weighs
+    placement and routing by), after a short warm-up prompt."""
+    import torch
+
+    from shard_common.model.span import SpanRequest
+
+    session, d = "~benchmark", span.config.d_model
+    span.forward(torch.randn(16, d) * 0.1, [SpanRequest(session, 0, 16)])
+    started = time.perf_counter()
+    for i in range(steps):
+        span.forward(torch.randn(1, d) * 0.1, [SpanRequest(session, 16 + i, 1)])
+    elapsed = time.perf_counter() - started
+    span.free(session)
+    return round(steps * (span.end - span.start) / elapsed, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.span is None:
-        print("shard-scout: --span START:END is required (swarm discovery is not built yet; see docs/status.md)", file=sys.stderr)
+    bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
+    if args.span is None and not bootstrap and not args.mdns:
+        print("shard-scout: give --bootstrap MULTIADDR (or --mdns) to join a swarm, or --span START:END to serve "
+              "a fixed span", file=sys.stderr)
         return 2
+    import torch
+
     from shard_common.identity import Identity
     from shard_common.main_thread import MainThreadExecutor, run_servers
     from shard_common.model import shards
     from shard_common.model.loader import load_weights
     from shard_common.model.runtime import Runtime
     from shard_common.model.span import Span
+    from shard_common.p2p.announcements import Capabilities
+    from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
 
+    from .control import ScoutControl
     from .server import SpanServer
 
+    quiet_libp2p_logs(logging.getLogger().level)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     identity = Identity.load_or_create(data_dir / "identity.key")
-    start, end = args.span
-    if args.oracle_url:
-        manifest = shards.fetch(args.oracle_url.rstrip("/") + "/shards", data_dir / "shards", start, end)
-        weights = shards.load(manifest, start, end)
-    elif args.shards:
-        weights = shards.load(Path(args.shards), start, end)
-    else:
-        weights = load_weights(args.model)
-    span = Span(weights, start, end, Runtime.pick(args.backend), kv_budget_bytes=int(args.memory_gb * (1 << 30)))
-    model_name = weights.name
-    del weights
+    runtime = Runtime.pick(args.backend)
+    kv_budget = int(args.memory_gb * (1 << 30))
+    capabilities = Capabilities(device=str(runtime.device), threads=torch.get_num_threads(), memory_bytes=kv_budget)
+
+    def manifest_for(shards_url: str | None, start: int, end: int, model: str | None = None) -> Path:
+        if args.shards and (model is None or shards.set_id(args.shards) == model):
+            return Path(args.shards)
+        url = args.oracle_url or shards_url
+        if url is None:
+            raise RuntimeError("no shard source: give --oracle-url or --shards")
+        return shards.fetch(url.rstrip("/") + ("" if url.rstrip("/").endswith("/shards") else "/shards"),
+                            data_dir / "shards", start, end)
+
+    def build_span(weights, start: int, end: int) -> Span:
+        span = Span(weights, start, end, runtime, kv_budget_bytes=kv_budget)
+        capabilities.throughput = measure_throughput(span)
+        return span
+
+    def load_assigned(oracle, start: int, end: int) -> Span:
+        return build_span(shards.load(manifest_for(oracle.shards_url, start, end, oracle.model), start, end), start, end)
+
+    span, model_name, model_id = None, "", None
+    if args.span is not None:
+        start, end = args.span
+        if args.oracle_url or args.shards:
+            manifest = manifest_for(None, start, end)
+            weights = shards.load(manifest, start, end)
+            model_id = shards.set_id(manifest)
+        else:
+            weights = load_weights(args.model)
+        span, model_name = build_span(weights, start, end), weights.name
+        del weights
     executor = MainThreadExecutor()
     allowed = {p.strip() for p in args.allow_oracles.split(",") if p.strip()} or None
     server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed)
+    control = None
+    if bootstrap or args.mdns:
+        control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
+                               load_assigned, args.announce_host or args.host, capabilities, model_id, allowed,
+                               heartbeat_seconds=args.heartbeat)
 
     async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         await server.start(args.host, args.data_port)
+        addrs = await control.start() if control else []
         # One line a script can parse: how to reach this Scout.
-        print(f"scout {identity.peer_id}@{args.host}:{server.port} span {start}:{end}", flush=True)
+        where = f"span {span.start}:{span.end}" if span else "waiting for a span"
+        print(f"scout {identity.peer_id}@{args.host}:{server.port} {where}", flush=True)
+        for a in addrs:
+            log.warning("libp2p: %s", a)
         ready.set()
         await stop.wait()
+        if control:
+            await control.stop()
         server.server.close()
         await server.server.wait_closed()
 

@@ -26,7 +26,10 @@ REQUEST_ERRORS = (SessionOutOfStep, KVBudgetExceeded, UnknownSession, ValueError
 
 
 class SpanServer:
-    def __init__(self, span: Span, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
+    """Serves one span at a time. ``span`` is None until the Scout has loaded the span it was
+    assigned; connections before that are refused with an ERROR frame (the Oracle retries)."""
+
+    def __init__(self, span: Span | None, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
                  allowed_peers: set[str] | None = None):
         self.span = span
         self.identity = identity
@@ -36,6 +39,14 @@ class SpanServer:
         self.ssl, self.cert_der = server_context(identity, tls_dir)
         self.server: asyncio.Server | None = None
         self.requests = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def set_span(self, span: Span, model_name: str) -> None:
+        """Serve ``span`` from now on. Connections made for the old span are closed: their
+        sessions' caches are gone, and the Oracle replays them wherever it routes them next."""
+        self.span, self.model_name = span, model_name
+        for writer in list(self._writers):
+            writer.close()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         self.server = await asyncio.start_server(self._handle, host, port, ssl=self.ssl)
@@ -47,18 +58,26 @@ class SpanServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "?"
+        span = None
         sessions: set[str] = set()
         try:
             peer = await accept(reader, writer, self.identity, self.cert_der)
             if self.allowed_peers is not None and peer not in self.allowed_peers:
                 raise HandshakeError(f"peer {peer} is not allowed")
+            span = self.span
+            if span is None:
+                await write_frame(writer, Kind.ERROR, Error(code="no_span", message="this Scout has not loaded a span yet"))
+                return
+            self._writers.add(writer)
             await write_frame(writer, Kind.WELCOME, Welcome(
-                peer_id=self.identity.peer_id, model=self.model_name, span=(self.span.start, self.span.end),
-                n_layers=self.span.config.n_layers, wire_dtypes=list(DTYPES)))
+                peer_id=self.identity.peer_id, model=self.model_name, span=(span.start, span.end),
+                n_layers=span.config.n_layers, wire_dtypes=list(DTYPES)))
             log.info("connection from %s", peer)
             while True:
                 kind, message, body = await read_frame(reader)
-                reply_kind, reply, reply_body = await self._dispatch(kind, message, body, sessions)
+                if self.span is not span:
+                    break  # the Scout moved to another span: this connection's sessions are gone
+                reply_kind, reply, reply_body = await self._dispatch(span, kind, message, body, sessions)
                 await write_frame(writer, reply_kind, reply, reply_body)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
@@ -68,27 +87,29 @@ class SpanServer:
             log.exception("error serving %s", peer)
         finally:
             writer.close()
-            if sessions:
+            self._writers.discard(writer)
+            if sessions and span is self.span:
                 # The Oracle replays a session's tokens when it reconnects; keep no orphaned caches.
-                await asyncio.get_running_loop().run_in_executor(self.executor, self._free_all, list(sessions))
+                await asyncio.get_running_loop().run_in_executor(self.executor, self._free_all, span, list(sessions))
 
-    def _free_all(self, sessions: list[str]) -> None:
+    @staticmethod
+    def _free_all(span: Span, sessions: list[str]) -> None:
         for s in sessions:
-            self.span.free(s)
+            span.free(s)
 
-    async def _dispatch(self, kind: Kind, message, body: bytes, sessions: set[str]):
+    async def _dispatch(self, span: Span, kind: Kind, message, body: bytes, sessions: set[str]):
         loop = asyncio.get_running_loop()
         self.requests += 1
         try:
             if kind == Kind.FORWARD:
-                return await loop.run_in_executor(self.executor, self._forward, message, body, sessions)
+                return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions)
             if kind == Kind.ROLLBACK:
-                await loop.run_in_executor(self.executor, self.span.rollback, message.session, message.length)
+                await loop.run_in_executor(self.executor, span.rollback, message.session, message.length)
             elif kind == Kind.FORK:
-                await loop.run_in_executor(self.executor, self.span.kv.fork, message.source, message.target)
+                await loop.run_in_executor(self.executor, span.kv.fork, message.source, message.target)
                 sessions.add(message.target)
             elif kind == Kind.CLOSE:
-                await loop.run_in_executor(self.executor, self.span.free, message.session)
+                await loop.run_in_executor(self.executor, span.free, message.session)
                 sessions.discard(message.session)
             elif kind != Kind.PING:
                 return Kind.ERROR, Error(id=message.id, code="unexpected_kind", message=f"{kind.name} is not a request"), b""
@@ -96,14 +117,15 @@ class SpanServer:
         except REQUEST_ERRORS as e:
             return Kind.ERROR, Error(id=message.id, code=type(e).__name__, message=str(e)), b""
 
-    def _forward(self, message: Forward, body: bytes, sessions: set[str]):
+    @staticmethod
+    def _forward(span: Span, message: Forward, body: bytes, sessions: set[str]):
         t0 = time.perf_counter()
         total = sum(s.n_tokens for s in message.sessions)
-        if message.shape != (total, self.span.config.d_model):
-            raise ValueError(f"hidden states of shape {message.shape} for {total} tokens of width {self.span.config.d_model}")
+        if message.shape != (total, span.config.d_model):
+            raise ValueError(f"hidden states of shape {message.shape} for {total} tokens of width {span.config.d_model}")
         hidden = tensor_from_bytes(body, message.dtype, message.shape)
         requests = [SpanRequest(s.session, s.start, s.n_tokens) for s in message.sessions]
-        out = self.span.forward(hidden, requests)
+        out = span.forward(hidden, requests)
         sessions.update(r.session for r in requests)
         result = Result(id=message.id, dtype=message.dtype, shape=tuple(out.shape), compute_ms=(time.perf_counter() - t0) * 1000)
         return Kind.RESULT, result, tensor_to_bytes(out, message.dtype)

@@ -63,9 +63,13 @@ class Identity:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(ident.private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                                    serialization.NoEncryption()))
+            f.write(ident.private_bytes())
         return ident
+
+    def private_bytes(self) -> bytes:
+        """The raw 32-byte seed (the key file's content; what libp2p's Ed25519 key is made from)."""
+        return self.private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                              serialization.NoEncryption())
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)

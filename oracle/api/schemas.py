@@ -337,15 +337,29 @@ class StoredMessageList(CursorPage):
 
 class ScoutStatus(Schema):
     peer_id: str
-    address: str
-    span: tuple[int, int]
-    state: Literal["active", "spare", "dead", "unused"]
-    requests: int
-    last_ms: float
-    forwards: int
-    overhead_ms: float | None  # mean round trip minus the Scout's compute time, per forward
-    tokens_forwarded: int
-    wire_bytes: int
+    address: str | None  # data plane HOST:PORT (None until the Oracle has connected)
+    span: tuple[int, int] | None
+    state: Literal["active", "spare", "joining", "dead"]
+    sessions: int = 0  # sessions the Oracle routes through it
+    requests: int = 0
+    last_ms: float | None = None
+    latency_ms: float | None = None  # smoothed forward round trip: the routing weight
+    forwards: int = 0
+    overhead_ms: float | None = None  # mean round trip minus the Scout's compute time, per forward
+    tokens_forwarded: int = 0
+    wire_bytes: int = 0
+    # What the Scout announces over libp2p (absent for Scouts given by address with --scouts):
+    announced_state: str | None = None
+    assigned_span: tuple[int, int] | None = None
+    announced_span: tuple[int, int] | None = None
+    heartbeat_age_s: float | None = None
+    throughput: float | None = None  # block-tokens per second, measured by the Scout on its span
+    memory_bytes: int | None = None
+    device: str | None = None
+    load: float | None = None  # requests per second it served over its last heartbeat
+    sessions_on_scout: int | None = None
+    free_kv_bytes: int | None = None
+    p2p_connected: bool | None = None
 
 
 class ClusterStatus(Schema):
@@ -353,6 +367,7 @@ class ClusterStatus(Schema):
     n_layers: int
     mode: Literal["local", "swarm"]
     oracle_peer_id: str | None
+    oracle_multiaddrs: list[str] = []  # where Scouts reach the control plane (--bootstrap)
     wire_dtype: str | None
     coverage: list[int]  # live Scouts serving each block (the Oracle itself in local mode)
     chain: list[str]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import logging
+import math
 import os
 import threading
 import time
@@ -20,15 +22,18 @@ from aiohttp import web
 from oracle.engine.local import build_local_model
 from oracle.engine.scheduler import Scheduler
 from oracle.store.redis_server import EmbeddedRedis
-from oracle.swarm.local_scouts import start_local_scouts
+from oracle.swarm.control import ModelOffer, OracleControl
+from oracle.swarm.local_scouts import LocalScout, start_local_scouts
 from oracle.swarm.remote import LocalHop, ScoutAddress
-from oracle.swarm.static import StaticSwarm
+from oracle.swarm.swarm import Swarm
 from shard_common.identity import Identity
 from shard_common.main_thread import MainThreadExecutor, run_servers
 from shard_common.model import shards
 from shard_common.model.loader import resolve_model_path
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span
+from shard_common.model.weights import ModelWeights
+from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
 
 from . import storage
 from .app import create_app
@@ -58,27 +63,47 @@ def directory_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path) -> Swarm | None:
+    """The Swarm pipeline when blocks run on Scouts (--swarm, --local-scouts or --scouts)."""
+    scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
+    if not (scouts or args.swarm or args.local_scouts):
+        return None
+    identity = Identity.load_or_create(Path(args.data_dir) / "identity.key")
+    n_layers = weights.config.n_layers
+    control = None
+    if args.swarm or args.local_scouts:
+        span_limit = args.blocks_per_scout
+        if not span_limit and args.local_scouts:
+            span_limit = math.ceil(n_layers / max(1, args.local_scouts // args.local_scout_replicas))
+        public_url = (args.public_url or f"http://{args.host}:{args.port}").rstrip("/")
+        block_bytes = max((manifest.parent / f).stat().st_size for f in json.loads(manifest.read_text())["blocks"])
+        offer = ModelOffer(shards.set_id(manifest), weights.name, n_layers, block_bytes, public_url + "/shards")
+        bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
+        control = OracleControl(identity, P2PConfig(args.p2p_host or args.host, args.p2p_port, bootstrap, args.mdns), offer,
+                                span_limit, dead_after_seconds=args.dead_after)
+    fill = None
+    if args.fallback_local:
+        runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
+
+        def fill(start: int, end: int) -> LocalHop:
+            return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
+    return Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill)
+
+
 def serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
-    scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
-    swarm = None
-    if scouts or args.local_scouts:
-        swarm = StaticSwarm(scouts, Identity.load_or_create(Path(args.data_dir) / "identity.key"), args.wire_dtype)
-    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline=swarm)
-    if swarm is not None and args.fallback_local:
-        runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
-        swarm.fill = lambda start, end: LocalHop(Span(local.weights, start, end, runtime, kv_budget_bytes=budget))
-    manifest = shards.convert(local.weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
-                              Path(args.data_dir) / "shards")
-    local_scouts = []
-    if args.local_scouts:
-        # Hops run one after another, so the Scouts share this machine's cores between them:
-        # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
-        threads = max(1, (os.cpu_count() or 1) // args.local_scouts)
-        extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest)]
-        local_scouts = start_local_scouts(local.weights.config.n_layers, args.local_scouts, args.local_scout_replicas,
-                                          Path(args.data_dir) / "local-scouts", extra)
-        swarm.addresses += [s.address for s in local_scouts]
+    quiet_libp2p_logs(logging.getLogger().level)
+    made: dict[str, object] = {}
+
+    def pipeline_for(weights: ModelWeights) -> Swarm | None:
+        made["manifest"] = shards.convert(weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
+                                          Path(args.data_dir) / "shards")
+        made["swarm"] = build_swarm(args, weights, made["manifest"])
+        return made["swarm"]
+
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline_for)
+    manifest, swarm = made["manifest"], made["swarm"]
+    local_scouts: list[LocalScout] = []
     name = args.served_model_name or path.stem
     aliases = [a.strip() for a in args.model_aliases.split(",") if a.strip()]
     fingerprint = "fp_" + hashlib.sha256(f"{name}:{args.backend}".encode()).hexdigest()[:10]
@@ -113,7 +138,15 @@ def serve(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event, ready: threading.Event) -> None:
         if swarm is not None:
-            await swarm.connect(local.weights.config.n_layers)
+            await swarm.connect()
+        if args.local_scouts:
+            # Hops run one after another, so the Scouts share this machine's cores between them:
+            # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
+            threads = max(1, (os.cpu_count() or 1) // args.local_scouts)
+            extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest),
+                     "--bootstrap", swarm.control.node.addrs[0]]
+            local_scouts.extend(await asyncio.to_thread(
+                start_local_scouts, args.local_scouts, Path(args.data_dir) / "local-scouts", extra))
         try:
             await run_site(app, args.host, args.port, stop, ready)
         finally:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from oracle.engine.scheduler import Scheduler
 from oracle.store.completions import CompletionStore
-from oracle.swarm.static import StaticSwarm
+from oracle.swarm.swarm import Swarm
 from shard_common.tokenizer import Tokenizer
 
 from .auth import Authenticator, RateLimits
@@ -28,4 +28,4 @@ class OracleState:
     rate_limits: RateLimits | None = None
     completions: CompletionStore | None = None
     store_by_default: bool = True
-    swarm: StaticSwarm | None = None  # None: every block runs in this process
+    swarm: Swarm | None = None  # None: every block runs in this process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from shard_common.model.ends import ModelEnds
 from shard_common.model.loader import load_weights
@@ -27,12 +28,14 @@ class LocalModel:
 
 
 def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
-                      pipeline: Pipeline | None = None) -> LocalModel:
-    """The engine over ``pipeline``, or over all blocks in this process when none is given."""
+                      pipeline_for: Callable[[ModelWeights], Pipeline | None] | None = None) -> LocalModel:
+    """The engine over the pipeline ``pipeline_for(weights)`` gives, or over all blocks in this
+    process when it gives none."""
     t0 = time.monotonic()
     weights = load_weights(model, quantize=quantize)
     runtime = Runtime.pick(backend)
     tokenizer = Tokenizer(weights.tokenizer)
+    pipeline = pipeline_for(weights) if pipeline_for else None
     if pipeline is None:
         pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
     engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer)

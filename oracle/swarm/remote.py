@@ -19,6 +19,8 @@ from shard_common.model.span import Span, SpanRequest
 from shard_common.protocol import Close, Error, Fork, Forward, Kind, Ping, Rollback, SessionSlice, Welcome
 from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
+from .routing import NoRoute, shortest_path
+
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +76,8 @@ class ScoutConnection:
         self.compute_ms = 0.0
         self.tokens = 0
         self.wire_bytes = 0
+        self.ewma_ms: float | None = None  # forward round trip, smoothed: the routing weight
+        self.last_used = 0.0
 
     @property
     def span(self) -> tuple[int, int]:
@@ -103,6 +107,7 @@ class ScoutConnection:
                 reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), self.timeout)
                 self.requests += 1
                 self.last_ms = (time.perf_counter() - started) * 1000
+                self.last_used = time.monotonic()
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 self.dead = True
                 self._writer.close()
@@ -121,6 +126,7 @@ class ScoutConnection:
         reply, body = await self._request(Kind.FORWARD, message, payload)
         self.forwards += 1
         self.forward_ms += self.last_ms
+        self.ewma_ms = self.last_ms if self.ewma_ms is None else 0.8 * self.ewma_ms + 0.2 * self.last_ms
         self.compute_ms += reply.compute_ms
         self.tokens += hidden.shape[0]
         self.wire_bytes += len(payload) + len(body)
@@ -170,49 +176,43 @@ class LocalHop(LocalPipeline):
 
 LocalFactory = Callable[[int, int], LocalHop]
 
-
-def plan_chain(connections: list[ScoutConnection], n_layers: int, fill: LocalFactory | None = None) -> list:
-    """Scouts whose spans cover [0, n_layers) back to back, preferring the longest span at each
-    step; gaps are filled by ``fill`` (the Oracle's own blocks) when given."""
-    chain, position = [], 0
-    while position < n_layers:
-        candidates = [c for c in connections if c.span[0] == position]
-        if not candidates and fill is not None:
-            gap_end = min((c.span[0] for c in connections if c.span[0] > position), default=n_layers)
-            chain.append(fill(position, gap_end))
-            position = gap_end
-            continue
-        if not candidates:
-            spans = sorted(c.span for c in connections)
-            raise ScoutError(f"no Scout serves block {position}; the Scouts serve {spans} of {n_layers} blocks")
-        best = max(candidates, key=lambda c: c.span[1])
-        chain.append(best)
-        position = best.span[1]
-    return chain
+# A hop nobody has measured yet is assumed this slow; the Oracle's own blocks are a last resort.
+UNMEASURED_MS = 5.0
+LOCAL_HOP_COST = 1e6
 
 
 class RemotePipeline:
-    """The engine's Pipeline over a chain of Scouts. Called on the engine's thread; the network
-    work runs on the event loop (``loop``) that owns the connections.
+    """The engine's Pipeline over the swarm. Called on the engine's thread; the network work runs
+    on the event loop (``loop``) that owns the connections.
+
+    Routing: a session gets its chain of hops when it starts, the shortest path over the live hops
+    (``hops()``) by measured round-trip time and the sessions each hop already carries, so sessions
+    spread over replicas. A batched step groups its sessions by chain.
 
     Failover: the pipeline keeps each session's inputs to the first hop (its embedded tokens)
-    and how they were fed (prompt chunks, then one token per step). When a hop's Scout becomes
-    unreachable, a spare serving the same span takes its place, and every session's cache there is
-    rebuilt from that history before the session's next step, in the same chunks, so the rebuilt
-    cache is bit-identical to the lost one (a single prefill of the whole history would differ in
-    the last bits, enough to flip near-tied tokens later). The client sees a pause, not an error.
+    and how they were fed (prompt chunks, then one token per step). When a hop becomes
+    unreachable, every session routed through it gets a replacement path for that hop's blocks
+    (a replica, a Scout that took the span over, or the Oracle's own blocks with ``fill``), and its
+    caches there are rebuilt from that history before its next step, in the same chunks, so the
+    rebuilt cache is bit-identical to the lost one (a single prefill of the whole history would
+    differ in the last bits, enough to flip near-tied tokens later). If no replacement exists yet,
+    the step waits up to ``reroute_seconds`` for one (a rebalance in progress) before giving up.
+    The client sees a pause, not an error.
     """
 
-    def __init__(self, chain: list, loop: asyncio.AbstractEventLoop, wire_dtype: str = "float32",
-                 spares: list[ScoutConnection] | None = None, fill: LocalFactory | None = None):
-        self.chain = chain
+    def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop,
+                 wire_dtype: str = "float32", fill: LocalFactory | None = None, reroute_seconds: float = 20.0):
+        self.hops = hops
+        self.n_layers = n_layers
         self.fill = fill
-        self.spares = list(spares or [])
         self.loop = loop
         self.wire_dtype = wire_dtype
+        self.reroute_seconds = reroute_seconds
+        self.routes: dict[str, list] = {}
         self.history: dict[str, torch.Tensor] = {}
         self.chunks: dict[str, list[int]] = {}
-        self.stale: dict[int, set[str]] = {}
+        self.stale: set[tuple[str, object]] = set()  # (session, hop) whose cache there must be rebuilt
+        self.local_hops: dict[tuple[int, int], LocalHop] = {}
         self.failovers = 0
 
     def _call(self, hop, method: str, *args):
@@ -221,84 +221,157 @@ class RemotePipeline:
             return getattr(hop, method)(*args)
         return asyncio.run_coroutine_threadsafe(getattr(hop, method)(*args), self.loop).result()
 
+    # ---- routing ------------------------------------------------------------------------------
+
+    def load(self) -> dict[object, int]:
+        counts: dict[object, int] = {}
+        for route in self.routes.values():
+            for hop in route:
+                counts[hop] = counts.get(hop, 0) + 1
+        return counts
+
+    def _candidates(self, start: int, end: int) -> list:
+        live = [h for h in self.hops() if not h.dead]
+        if self.fill is not None:
+            live += self._local_hops(live, start, end)
+        return live
+
+    def _local_hops(self, live: list, start: int, end: int) -> list:
+        """The Oracle's own blocks for every stretch of [start, end) no live Scout serves."""
+        covered = [False] * self.n_layers
+        for h in live:
+            for b in range(h.span[0], h.span[1]):
+                covered[b] = True
+        out, b = [], start
+        while b < end:
+            if covered[b]:
+                b += 1
+                continue
+            e = b
+            while e < end and not covered[e]:
+                e += 1
+            if (b, e) not in self.local_hops:
+                self.local_hops[(b, e)] = self.fill(b, e)
+            out.append(self.local_hops[(b, e)])
+            b = e
+        return out
+
+    def path(self, start: int = 0, end: int | None = None) -> list:
+        """The cheapest live hops covering blocks [start, end) now."""
+        end = self.n_layers if end is None else end
+        load = self.load()
+
+        def cost(hop) -> float:
+            if isinstance(hop, LocalHop):
+                return LOCAL_HOP_COST
+            return (hop.ewma_ms or UNMEASURED_MS) * (1 + load.get(hop, 0) / 8)
+
+        try:
+            return shortest_path(self._candidates(start, end), start, end, cost, lambda h: h.span)
+        except NoRoute as e:
+            raise ScoutUnreachable(f"no route through the swarm: {e}") from None
+
+    def _route_of(self, r: SpanRequest) -> list:
+        route = self.routes.get(r.session)
+        if route is None:
+            route = self.routes[r.session] = self.path()
+            if r.start > 0:  # a session we lost track of: rebuild it everywhere from its history
+                self.stale.update((r.session, hop) for hop in route)
+        return route
+
+    def _reroute(self, dead) -> None:
+        """Give every session routed through ``dead`` a replacement for its blocks."""
+        deadline = time.monotonic() + self.reroute_seconds
+        while True:
+            try:
+                replacement = self.path(*dead.span)
+                break
+            except ScoutUnreachable:
+                if time.monotonic() > deadline:
+                    raise ScoutUnreachable(f"no Scout left for blocks [{dead.span[0]}, {dead.span[1]}) after "
+                                           f"{dead.address.peer_id} failed") from None
+                time.sleep(0.25)
+        moved = 0
+        for session, route in self.routes.items():
+            if dead in route:
+                i = route.index(dead)
+                route[i:i + 1] = replacement
+                self.stale.update((session, hop) for hop in replacement)
+                moved += 1
+        self.stale = {(s, h) for s, h in self.stale if h is not dead}
+        self.failovers += 1
+        log.warning("blocks [%d, %d) moved from %s to %s; %d sessions will be replayed", dead.span[0], dead.span[1],
+                    dead.address.peer_id, " → ".join(h.address.peer_id for h in replacement), moved)
+
+    # ---- the Pipeline protocol ----------------------------------------------------------------
+
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        x = hidden
-        for i in range(len(self.chain)):
-            x = self._hop_forward(i, x, requests)
-        offset = 0
-        for r in requests:
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(self._route_of(r)), []).append(i)
+        offsets = list(itertools.accumulate((r.n_tokens for r in requests), initial=0))
+        if len(groups) == 1:
+            out = self._run_group(hidden, requests).float()
+        else:
+            out = torch.empty(hidden.shape, dtype=torch.float32)
+        for indices in groups.values() if len(groups) > 1 else []:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+            out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices]).float()
+        for r, offset in zip(requests, offsets):
             rows = hidden[offset:offset + r.n_tokens].float()
-            offset += r.n_tokens
             before = self.history.get(r.session)
             self.history[r.session] = rows if before is None else torch.cat([before[: r.start], rows])
             self.chunks[r.session] = trim_chunks(self.chunks.get(r.session, []), r.start) + [r.n_tokens]
-        return x.float()
+        return out
 
-    def _hop_forward(self, i: int, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        while True:
+    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        """Sessions sharing one route, hop by hop; a failed hop is replaced and the step goes on."""
+        i = 0
+        while i < len(self.routes[requests[0].session]):
+            hop = self.routes[requests[0].session][i]
             try:
-                self._replay(i, requests)
-                return self._call(self.chain[i], "forward", x, requests, self.wire_dtype)
+                for r in requests:
+                    if (r.session, hop) in self.stale:
+                        self._replay(r, i)
+                x = self._call(hop, "forward", x, requests, self.wire_dtype)
+                i += 1
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
-                self._replace_dead()
+                self._reroute(hop)
+        return x
 
-    def _replace_dead(self) -> None:
-        for i, hop in enumerate(self.chain):
-            if hop.dead:
-                self._replace(i)
+    def _replay(self, r: SpanRequest, i: int) -> None:
+        """Rebuild ``r.session``'s cache on hop ``i`` of its route, in its original chunks."""
+        route = self.routes[r.session]
+        history = self.history.get(r.session)
+        position = 0
+        scratch = f"{r.session}~replay"
+        for n in trim_chunks(self.chunks.get(r.session, []), r.start):
+            x = history[position:position + n]
+            for hop in route[:i]:
+                x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype)
+            self._call(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype)
+            position += n
+        for hop in route[:i]:
+            self._call(hop, "free", scratch)
+        self.stale.discard((r.session, route[i]))
 
-    def _replace(self, i: int) -> None:
-        old = self.chain[i]
-        spare = next((c for c in self.spares if c.span == old.span and not c.dead), None)
-        if spare is not None:
-            self.spares.remove(spare)
-        elif self.fill is not None:
-            spare = self.fill(*old.span)
-        else:
-            raise ScoutUnreachable(f"no Scout left for blocks [{old.span[0]}, {old.span[1]}) after {old.address.peer_id} failed")
-        self.chain[i] = spare
-        self.stale[i] = set(self.history)
-        self.failovers += 1
-        log.warning("blocks [%d, %d) moved from %s to %s; %d sessions will be replayed", old.span[0], old.span[1],
-                    old.address.peer_id, spare.address.peer_id, len(self.stale[i]))
-
-    def _replay(self, i: int, requests: list[SpanRequest]) -> None:
-        stale = self.stale.get(i)
-        if not stale:
-            return
-        for r in requests:
-            if r.session not in stale:
-                continue
-            history = self.history.get(r.session)
-            position = 0
-            scratch = f"{r.session}~replay"
-            for n in trim_chunks(self.chunks.get(r.session, []), r.start):
-                x = history[position:position + n]
-                for hop in self.chain[:i]:
-                    x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype)
-                self._call(self.chain[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype)
-                position += n
-            for hop in self.chain[:i]:
-                self._call(hop, "free", scratch)
-            stale.discard(r.session)
-
-    def _each_hop(self, session: str, method: str, *args, also_stale: str | None = None) -> None:
-        """Send one cache operation for ``session`` to every hop, except hops where its cache is
-        due to be rebuilt anyway (there ``also_stale`` is marked for rebuilding too)."""
-        for i in range(len(self.chain)):
-            stale = self.stale.get(i, set())
-            if session in stale:
-                if also_stale is not None:
-                    stale.add(also_stale)
+    def _each_hop(self, session: str, method: str, *args, also: str | None = None) -> None:
+        """Send one cache operation for ``session`` to every hop of its route, except hops where
+        its cache is due to be rebuilt anyway (there ``also`` is marked for rebuilding too)."""
+        for hop in list(self.routes.get(session, [])):
+            if (session, hop) in self.stale:
+                if also is not None:
+                    self.stale.add((also, hop))
                 continue
             try:
-                self._call(self.chain[i], method, *args)
+                self._call(hop, method, *args)
             except ScoutUnreachable as e:
-                log.warning("hop %d: %s", i, e)
-                self._replace_dead()
-                if also_stale is not None:
-                    self.stale[i].add(also_stale)
+                log.warning("%s: %s", method, e)
+                if method != "free":
+                    self._reroute(hop)
+                    if also is not None:
+                        self.stale.update((also, h) for h in self.routes[session] if (session, h) in self.stale)
 
     def rollback(self, session: str, length: int) -> None:
         if session in self.history:
@@ -310,11 +383,13 @@ class RemotePipeline:
         if source in self.history:
             self.history[target] = self.history[source]
             self.chunks[target] = list(self.chunks[source])
-        self._each_hop(source, "fork", source, target, also_stale=target)
+        if source in self.routes:
+            self.routes[target] = list(self.routes[source])
+        self._each_hop(source, "fork", source, target, also=target)
 
     def free(self, session: str) -> None:
         self.history.pop(session, None)
         self.chunks.pop(session, None)
         self._each_hop(session, "free", session)
-        for stale in self.stale.values():
-            stale.discard(session)
+        self.routes.pop(session, None)
+        self.stale = {(s, h) for s, h in self.stale if s != session}

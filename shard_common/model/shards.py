@@ -114,6 +114,11 @@ def convert(weights: ModelWeights, source_sha: str, root: Path, progress: bool =
     return manifest_path
 
 
+def set_id(manifest_path: Path) -> str:
+    """A shard set's id: what Oracles and Scouts compare to know they mean the same model."""
+    return json.loads(Path(manifest_path).read_text())["source_sha256"][:16]
+
+
 def verify_file(directory: Path, name: str, info: dict) -> bool:
     path = Path(directory) / name
     return path.is_file() and path.stat().st_size == info["size"] and sha256_file(path) == info["sha256"]

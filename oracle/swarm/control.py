@@ -1,0 +1,175 @@
+"""The Oracle's control plane: the registry of Scouts heard over gossipsub, span assignment, and
+the Oracle's own announcement (who it is, where its shards are, which span each Scout serves)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from shard_common.identity import Identity
+from shard_common.p2p.announcements import (
+    ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, OracleAnnouncement, ScoutAnnouncement, decode, encode,
+)
+from shard_common.p2p.node import P2PConfig, P2PNode
+
+from .placement import Candidate, Span, plan
+from .remote import ScoutAddress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoutRecord:
+    announcement: ScoutAnnouncement
+    first_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    dead: bool = False
+
+    @property
+    def address(self) -> ScoutAddress:
+        a = self.announcement
+        return ScoutAddress(a.peer_id, a.data_host, a.data_port)
+
+
+@dataclass
+class ModelOffer:
+    """What the Oracle asks Scouts to serve."""
+
+    model: str  # shard set id
+    model_name: str
+    n_layers: int
+    block_bytes: int
+    shards_url: str | None
+
+
+class OracleControl:
+    def __init__(self, identity: Identity, p2p: P2PConfig, offer: ModelOffer, span_limit: int = 0,
+                 heartbeat_seconds: float = 1.0, dead_after_seconds: float = 3.0, reprovide_seconds: float = 30.0):
+        self.identity = identity
+        self.node = P2PNode(identity, p2p)
+        self.offer = offer
+        self.span_limit = span_limit
+        self.heartbeat_seconds = heartbeat_seconds
+        self.dead_after_seconds = dead_after_seconds
+        self.reprovide_seconds = reprovide_seconds
+        self.scouts: dict[str, ScoutRecord] = {}
+        self.assignments: dict[str, Span] = {}
+        self.busy: set[str] = set()  # peers carrying sessions, told by the swarm: moved last
+        self._seq = 0
+        self._joined = False  # a peer joined since the DHT record was last stored
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> list[str]:
+        addrs = await self.node.start({SCOUT_TOPIC: self._on_scout})
+        log.warning("Oracle %s on libp2p: %s", self.identity.peer_id, " ".join(addrs))
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return addrs
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.node.stop()
+
+    def _on_scout(self, sender: str, data: bytes) -> None:
+        try:
+            a = decode(ScoutAnnouncement, sender, data)
+        except AnnouncementError as e:
+            log.warning("ignored announcement: %s", e)
+            return
+        record = self.scouts.get(sender)
+        if record is None or record.dead:
+            log.warning("Scout %s joined (data plane %s:%d, %s)", sender, a.data_host, a.data_port,
+                        f"serving [{a.span[0]}, {a.span[1]})" if a.span else "no span yet")
+            self.scouts[sender] = ScoutRecord(a)
+            self._joined = True
+            self._changed.set()
+            return
+        if a.seq < record.announcement.seq and a.sent_at <= record.announcement.sent_at:
+            return  # a late duplicate relayed by another peer
+        if (a.state, a.span) != (record.announcement.state, record.announcement.span):
+            self._changed.set()
+        record.announcement, record.last_seen = a, time.monotonic()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for peer, record in self.scouts.items():
+            if not record.dead and now - record.last_seen > self.dead_after_seconds:
+                record.dead = True
+                self.assignments.pop(peer, None)
+                log.warning("Scout %s is dead: no heartbeat for %.1f s", peer, now - record.last_seen)
+
+    def _candidate(self, record: ScoutRecord) -> Candidate:
+        a = record.announcement
+        per_block = max(1, self.offer.block_bytes * 2)  # room for the block and as much again for KV caches
+        max_blocks = a.capabilities.memory_bytes // per_block if a.capabilities.memory_bytes else self.offer.n_layers
+        serving = a.span if a.model == self.offer.model and a.state != "idle" else None
+        return Candidate(a.peer_id, max(1, int(max_blocks)), a.capabilities.throughput or 1.0, serving,
+                         a.peer_id in self.busy)
+
+    def _place(self) -> None:
+        live = [self._candidate(r) for r in self.scouts.values() if not r.dead]
+        new = plan(self.offer.n_layers, live, self.assignments, self.span_limit)
+        for peer, span in new.items():
+            if self.assignments.get(peer) != span:
+                log.warning("Scout %s assigned blocks [%d, %d)%s", peer, span[0], span[1],
+                            f" (was [{self.assignments[peer][0]}, {self.assignments[peer][1]}))" if peer in self.assignments else "")
+        self.assignments = new
+
+    def announcement(self) -> OracleAnnouncement:
+        self._seq += 1
+        o = self.offer
+        return OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
+                                  n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes,
+                                  multiaddrs=self.node.addrs, assignments=self.assignments)
+
+    async def _run(self) -> None:
+        last_provide = -self.reprovide_seconds
+        while True:
+            try:
+                self._expire()
+                self._place()
+                await self.node.publish(ORACLE_TOPIC, encode(self.announcement()))
+                if self._joined or time.monotonic() - last_provide > self.reprovide_seconds:
+                    # The DHT record is how a Scout that knows any swarm member finds this Oracle;
+                    # stored again when peers join, so it lives on the peers closest to its key.
+                    self._joined = False
+                    await self.node.provide(ORACLE_DHT_KEY)
+                    last_provide = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the control plane keeps going; the next heartbeat tries again
+                log.warning("control plane heartbeat failed: %r", e)
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.heartbeat_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    def serving(self) -> list[tuple[ScoutAddress, Span]]:
+        """Scouts that serve the span assigned to them: the ones to open data-plane connections to."""
+        out = []
+        for peer, span in self.assignments.items():
+            record = self.scouts.get(peer)
+            a = record.announcement if record else None
+            if a and not record.dead and a.state == "serving" and a.span == span and a.model == self.offer.model:
+                out.append((record.address, span))
+        return out
+
+    def status(self) -> dict[str, dict]:
+        """Per peer id, what the registry knows (merged into /v1/cluster/status)."""
+        now = time.monotonic()
+        connected = self.node.connected_peers()
+        out = {}
+        for peer, r in self.scouts.items():
+            a = r.announcement
+            out[peer] = {
+                "announced_state": "dead" if r.dead else a.state, "assigned_span": list(self.assignments[peer]) if peer in self.assignments else None,
+                "announced_span": list(a.span) if a.span else None, "heartbeat_age_s": round(now - r.last_seen, 2),
+                "throughput": a.capabilities.throughput, "memory_bytes": a.capabilities.memory_bytes,
+                "device": a.capabilities.device, "load": a.load, "sessions_on_scout": a.sessions,
+                "free_kv_bytes": a.free_kv_bytes, "p2p_connected": peer in connected,
+            }
+        return out

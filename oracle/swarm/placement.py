@@ -1,0 +1,93 @@
+"""Which blocks each Scout serves.
+
+Petals' idea, made to fit a pipeline of whole spans: a Scout that joins fills the first run of
+uncovered blocks (so spans stay back to back and chains can be formed); once every block is
+covered, it replicates the span with the least throughput behind it (strengthening the weakest
+part of the chain). When a Scout leaves a hole, a Scout whose blocks are all served by others too
+moves into the hole. Scouts keep the span they already serve whenever it still fits, so an
+Oracle that restarts adopts the swarm as it finds it, and running sessions are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    peer_id: str
+    max_blocks: int  # what its memory holds
+    throughput: float = 1.0  # block-tokens per second (relative weights are what matter)
+    serving: Span | None = None  # what it already serves (after an Oracle restart, say)
+    busy: bool = False  # carries sessions right now: move it only if nothing else can fill a hole
+
+
+def coverage(spans: list[Span], n_layers: int) -> list[int]:
+    counts = [0] * n_layers
+    for start, end in spans:
+        for b in range(start, end):
+            counts[b] += 1
+    return counts
+
+
+def first_gap(spans: list[Span], n_layers: int) -> Span | None:
+    counts = coverage(spans, n_layers)
+    if 0 not in counts:
+        return None
+    start = counts.index(0)
+    end = start
+    while end < n_layers and counts[end] == 0:
+        end += 1
+    return start, end
+
+
+def _span_strength(span: Span, assigned: dict[str, Span], by_id: dict[str, Candidate]) -> float:
+    return sum(by_id[p].throughput / max(1, s[1] - s[0]) for p, s in assigned.items() if s == span and p in by_id)
+
+
+def choose_span(n_layers: int, length: int, assigned: dict[str, Span], by_id: dict[str, Candidate]) -> Span:
+    """The span a Scout able to hold ``length`` blocks should take, given the current assignment."""
+    gap = first_gap(list(assigned.values()), n_layers)
+    if gap is not None:
+        # The gap's start is right after some span's end (or 0) and, if the gap is filled whole,
+        # its end is some span's start: the new span abuts its neighbours.
+        return gap[0], min(gap[1], gap[0] + length)
+    spans = sorted(set(assigned.values()))
+    fitting = [s for s in spans if s[1] - s[0] <= length] or spans
+    weakest = min(fitting, key=lambda s: (_span_strength(s, assigned, by_id), s))
+    return weakest if weakest[1] - weakest[0] <= length else (weakest[0], weakest[0] + length)
+
+
+def _valid(span: Span | None, n_layers: int, max_blocks: int) -> bool:
+    return span is not None and 0 <= span[0] < span[1] <= n_layers and span[1] - span[0] <= max_blocks
+
+
+def plan(n_layers: int, candidates: list[Candidate], current: dict[str, Span], span_limit: int = 0) -> dict[str, Span]:
+    """The new assignment (peer id → span) for the live ``candidates``, given the ``current`` one.
+
+    ``span_limit`` caps every span's length (0: only memory limits it)."""
+    by_id = {c.peer_id: c for c in candidates}
+
+    def length_of(c: Candidate) -> int:
+        return max(1, min(c.max_blocks, span_limit or n_layers, n_layers))
+
+    assigned: dict[str, Span] = {}
+    for c in candidates:
+        span = current.get(c.peer_id) or c.serving
+        # What a Scout already serves stays even past ``span_limit``: moving it would cost a reload.
+        if _valid(span, n_layers, c.max_blocks):
+            assigned[c.peer_id] = span
+    newcomers = sorted((c for c in candidates if c.peer_id not in assigned), key=lambda c: (-c.throughput, c.peer_id))
+    for c in newcomers:
+        assigned[c.peer_id] = choose_span(n_layers, length_of(c), assigned, by_id)
+    # Holes left by Scouts that went away: move a redundant Scout in (an idle one first).
+    while (gap := first_gap(list(assigned.values()), n_layers)) is not None:
+        counts = coverage(list(assigned.values()), n_layers)
+        redundant = [by_id[p] for p, (s, e) in assigned.items() if all(counts[b] >= 2 for b in range(s, e))]
+        if not redundant:
+            break
+        mover = min(redundant, key=lambda c: (c.busy, c.throughput, c.peer_id))
+        assigned[mover.peer_id] = gap[0], min(gap[1], gap[0] + length_of(mover))
+    return assigned

@@ -1,0 +1,181 @@
+"""The engine's Pipeline over the swarm: data-plane connections to the Scouts that serve blocks.
+
+Scouts come from two sources: addresses given on the command line (``--scouts``, spans as the
+Scouts were started with) and the libp2p control plane (Scouts that announced themselves and
+serve the span the Oracle assigned them). A background task keeps one connection per serving
+Scout, drops connections to Scouts the registry declared dead or moved to another span, and
+pings idle ones (nothing else would notice an unused Scout dying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from shard_common.identity import Identity
+from shard_common.model.span import SpanRequest
+
+from .control import OracleControl
+from .remote import LocalFactory, RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable
+
+log = logging.getLogger(__name__)
+
+
+class Swarm:
+    RETRY_SECONDS = 0.5
+    PING_IDLE_SECONDS = 2.0
+
+    def __init__(self, identity: Identity, n_layers: int, addresses: list[ScoutAddress] | None = None,
+                 control: OracleControl | None = None, wire_dtype: str = "float32", fill: LocalFactory | None = None):
+        self.identity = identity
+        self.n_layers = n_layers
+        self.addresses = list(addresses or [])
+        self.control = control
+        self.wire_dtype = wire_dtype
+        self.fill = fill  # --fallback-local: the Oracle computes spans no Scout serves
+        self.connections: list[ScoutConnection] = []
+        self.pipeline: RemotePipeline | None = None
+        self.problem = "connecting to the Scouts"
+        self._task: asyncio.Task | None = None
+
+    async def connect(self) -> None:
+        if self.control is not None:
+            await self.control.start()
+        loop = asyncio.get_running_loop()
+        self.pipeline = RemotePipeline(self._live, self.n_layers, loop, self.wire_dtype, self.fill)
+        self._task = loop.create_task(self._maintain())
+
+    def _live(self) -> list[ScoutConnection]:
+        return [c for c in self.connections if not c.dead]
+
+    def _wanted(self) -> dict[ScoutAddress, tuple[int, int] | None]:
+        """Scouts to hold a connection to, with the span they must serve (None: whatever they say)."""
+        wanted: dict[ScoutAddress, tuple[int, int] | None] = {a: None for a in self.addresses}
+        if self.control is not None:
+            wanted.update(self.control.serving())
+        return wanted
+
+    async def _maintain(self) -> None:
+        failures: dict[ScoutAddress, str] = {}
+        while True:
+            try:
+                await self._maintain_once(failures)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep maintaining; a bug here must not freeze the swarm
+                log.exception("swarm maintenance failed")
+            await asyncio.sleep(self.RETRY_SECONDS)
+
+    async def _maintain_once(self, failures: dict[ScoutAddress, str]) -> None:
+        wanted = self._wanted()
+        for c in self._live():
+            span = wanted.get(c.address, "gone")
+            if span == "gone" or (span is not None and span != c.span):
+                log.warning("dropping Scout %s: %s", c.address.peer_id, "it no longer serves" if span == "gone" else f"moved to {span}")
+                c.dead = True
+                await c.close()
+        live = {c.address for c in self._live()}
+        for address, span in wanted.items():
+            if address in live:
+                continue
+            try:
+                conn = await ScoutConnection(address, self.identity).open()
+            except Exception as e:  # unreachable, wrong identity, bad handshake: try again later
+                if failures.get(address) != str(e):
+                    log.warning("cannot use Scout %s: %s", address, e)
+                failures[address] = str(e)
+                continue
+            failures.pop(address, None)
+            if span is not None and conn.span != tuple(span):
+                await conn.close()  # it is still switching spans; its next announcement will say
+                continue
+            self.connections = [c for c in self.connections if c.address != address] + [conn]
+            log.warning("connected to Scout %s serving blocks [%d, %d)", address.peer_id, *conn.span)
+        load = self.pipeline.load()
+        if self.control is not None:
+            self.control.busy = {c.address.peer_id for c in load}
+        now = time.monotonic()
+        for c in self._live():
+            if c not in load and now - c.last_used > self.PING_IDLE_SECONDS:
+                try:
+                    await c.ping()
+                except ScoutError:
+                    log.warning("idle Scout %s is gone", c.address.peer_id)
+        try:
+            self.pipeline.path()
+            self.problem = ""
+        except ScoutUnreachable as e:
+            self.problem = str(e)
+
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None and not self.problem
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for c in self.connections:
+            await c.close()
+        if self.control is not None:
+            await self.control.stop()
+
+    def status(self) -> dict:
+        """Who serves which blocks, for /v1/cluster/status."""
+        pipeline = self.pipeline
+        load = pipeline.load() if pipeline else {}
+        try:
+            preferred = pipeline.path() if pipeline else []
+        except ScoutUnreachable:
+            preferred = []
+        registry = self.control.status() if self.control else {}
+        scouts, seen = [], set()
+        for c in self.connections:
+            if c.dead and c.address.peer_id in seen:
+                continue
+            seen.add(c.address.peer_id)
+            state = "dead" if c.dead else "active" if c in load or c in preferred else "spare"
+            scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}",
+                           "span": list(c.span), "state": state, "sessions": load.get(c, 0), "requests": c.requests,
+                           "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,
+                           "forwards": c.forwards,
+                           "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
+                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **registry.get(c.address.peer_id, {})})
+        for peer, info in registry.items():
+            if peer not in seen:  # announced but not (yet) serving: idle, loading, or dead
+                state = "dead" if info["announced_state"] == "dead" else "joining"
+                span = info["announced_span"] or info["assigned_span"]
+                scouts.append({"peer_id": peer, "address": None, "span": span, "state": state, "sessions": 0,
+                               "requests": 0, **info})
+        return {
+            "oracle_peer_id": self.identity.peer_id,
+            "oracle_multiaddrs": self.control.node.addrs if self.control else [],
+            "wire_dtype": self.wire_dtype,
+            "chain": [c.address.peer_id for c in preferred],
+            "local_spans": [list(c.span) for c in (pipeline.local_hops.values() if pipeline else [])],
+            "scouts": scouts,
+            "failovers": pipeline.failovers if pipeline else 0,
+            "sessions": len(pipeline.routes) if pipeline else 0,
+        }
+
+    def _ready(self) -> RemotePipeline:
+        if self.pipeline is None:
+            raise ScoutUnreachable(f"no route through the swarm yet: {self.problem}")
+        return self.pipeline
+
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        return self._ready().forward(hidden, requests)
+
+    def rollback(self, session: str, length: int) -> None:
+        self._ready().rollback(session, length)
+
+    def fork(self, source: str, target: str) -> None:
+        self._ready().fork(source, target)
+
+    def free(self, session: str) -> None:
+        self._ready().free(session)
+
+
+

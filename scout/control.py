@@ -1,0 +1,147 @@
+"""The Scout's control plane: announce itself over gossipsub once a second (the heartbeat), follow
+the span the Oracle assigns, and find the Oracle through the DHT when no bootstrap peer leads to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import Callable
+
+from shard_common.identity import Identity
+from shard_common.model.span import Span
+from shard_common.p2p.announcements import (
+    ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, Capabilities, OracleAnnouncement, ScoutAnnouncement,
+    decode, encode,
+)
+from shard_common.p2p.node import P2PConfig, P2PNode
+
+from .server import SpanServer
+
+log = logging.getLogger(__name__)
+
+# Loads blocks [start, end) of the shard set the Oracle announced; blocking (runs on the executor).
+SpanLoader = Callable[[OracleAnnouncement, int, int], Span]
+
+
+class ScoutControl:
+    def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
+                 data_host: str, capabilities: Capabilities, model: str | None = None,
+                 allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0, oracle_timeout_seconds: float = 5.0):
+        self.identity = identity
+        self.node = P2PNode(identity, p2p)
+        self.server = server
+        self.executor = executor
+        self.load_span = load_span
+        self.data_host = data_host
+        self.capabilities = capabilities
+        self.model = model  # shard set id of the span being served (None: none yet)
+        self.allowed_oracles = allowed_oracles
+        self.heartbeat_seconds = heartbeat_seconds
+        self.oracle_timeout_seconds = oracle_timeout_seconds
+        self.state = "serving" if server.span is not None else "idle"
+        self.oracle: OracleAnnouncement | None = None
+        self.oracle_seen = 0.0
+        self._seq = 0
+        self._requests_seen = 0
+        self._loading: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> list[str]:
+        addrs = await self.node.start({ORACLE_TOPIC: self._on_oracle})
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._announce_forever()), loop.create_task(self._find_oracle_forever())]
+        return addrs
+
+    async def stop(self) -> None:
+        for t in self._tasks + ([self._loading] if self._loading else []):
+            t.cancel()
+        await self.node.stop()
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        s = self.server.span
+        return (s.start, s.end) if s is not None else None
+
+    def announcement(self) -> ScoutAnnouncement:
+        self._seq += 1
+        span = self.server.span
+        load = (self.server.requests - self._requests_seen) / self.heartbeat_seconds
+        self._requests_seen = self.server.requests
+        return ScoutAnnouncement(
+            peer_id=self.identity.peer_id, seq=self._seq, data_host=self.data_host, data_port=self.server.port,
+            model=self.model, span=self.span, state=self.state, capabilities=self.capabilities,
+            sessions=len(span.kv.sessions) if span else 0, load=load, free_kv_bytes=span.kv.free_bytes if span else 0)
+
+    async def announce(self) -> None:
+        await self.node.publish(SCOUT_TOPIC, encode(self.announcement()))
+
+    async def _announce_forever(self) -> None:
+        while True:
+            try:
+                await self.announce()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # no peers yet, or a hiccup: the next heartbeat tries again
+                log.warning("announcement not sent: %r", e)
+            await asyncio.sleep(self.heartbeat_seconds)
+
+    async def _find_oracle_forever(self) -> None:
+        """Without news from an Oracle for a while, look it up in the DHT and dial it directly."""
+        while True:
+            await asyncio.sleep(self.oracle_timeout_seconds if self.oracle is None else self.heartbeat_seconds * 3)
+            oracle_direct = self.oracle is not None and self.oracle.peer_id in self.node.connected_peers()
+            if oracle_direct and time.monotonic() - self.oracle_seen < self.oracle_timeout_seconds:
+                continue
+            try:
+                providers = await self.node.find_providers(ORACLE_DHT_KEY)
+            except Exception as e:
+                log.debug("DHT lookup failed: %r", e)
+                continue
+            for peer, addrs in providers:
+                if peer == self.identity.peer_id or peer in self.node.connected_peers():
+                    continue
+                for addr in addrs:
+                    try:
+                        await self.node.connect(addr)
+                    except Exception as e:
+                        log.debug("cannot dial %s: %r", addr, e)
+                        continue
+                    log.warning("found Oracle %s through the DHT at %s", peer, addr)
+                    break
+
+    def _on_oracle(self, sender: str, data: bytes) -> None:
+        try:
+            a = decode(OracleAnnouncement, sender, data)
+        except AnnouncementError as e:
+            log.warning("ignored announcement: %s", e)
+            return
+        if self.allowed_oracles is not None and sender not in self.allowed_oracles:
+            return
+        if self.oracle is None or self.oracle.peer_id != sender:
+            log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)
+        self.oracle, self.oracle_seen = a, time.monotonic()
+        wanted = a.assignments.get(self.identity.peer_id)
+        if wanted is None or (tuple(wanted) == self.span and a.model == self.model) or self._loading is not None:
+            return
+        self._loading = asyncio.get_running_loop().create_task(self._switch(a, tuple(wanted)))
+
+    async def _switch(self, oracle: OracleAnnouncement, span: tuple[int, int]) -> None:
+        log.warning("assigned blocks [%d, %d) of %s: loading", span[0], span[1], oracle.model_name)
+        self.state = "loading"
+        try:
+            await self.announce()
+            loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_span, oracle, *span)
+            self.server.set_span(loaded, oracle.model_name)
+            self.model = oracle.model
+            self.state = "serving"
+            log.warning("serving blocks [%d, %d) (%.0f block-tokens/s)", span[0], span[1], self.capabilities.throughput or 0)
+            await self.announce()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not load blocks [%d, %d)", *span)
+            self.state = "serving" if self.server.span is not None else "idle"
+        finally:
+            self._loading = None

@@ -1,0 +1,105 @@
+from types import SimpleNamespace
+
+import pytest
+
+from oracle.swarm.placement import Candidate, coverage, first_gap, plan
+from oracle.swarm.remote import ScoutAddress, trim_chunks
+from oracle.swarm.routing import NoRoute, shortest_path
+
+
+def test_trim_chunks_keeps_the_feeding_pattern():
+    assert trim_chunks([37, 1, 1, 1], 39) == [37, 1, 1]
+    assert trim_chunks([37, 1, 1], 20) == [20]
+    assert trim_chunks([5, 5], 10) == [5, 5]
+    assert trim_chunks([], 0) == []
+
+
+def test_scout_address_parsing():
+    assert ScoutAddress.parse("12D3KooWx@127.0.0.1:9000") == ScoutAddress("12D3KooWx", "127.0.0.1", 9000)
+    assert ScoutAddress.parse("p@[::1]:9").host == "::1"
+    assert str(ScoutAddress.parse("p@[::1]:9")) == "p@[::1]:9"
+    with pytest.raises(ValueError):
+        ScoutAddress.parse("no-port")
+
+
+def test_peer_ids_match_libp2p():
+    """Vector computed with py-libp2p 0.8.1 (ID.from_pubkey of the Ed25519 key from seed 0x01*32)."""
+    from shard_common.identity import peer_id_of
+
+    key = bytes.fromhex("8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c")
+    assert peer_id_of(key) == "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"
+
+
+def test_libp2p_derives_the_same_peer_id_from_an_identity():
+    from libp2p.crypto.ed25519 import Ed25519PrivateKey
+    from libp2p.peer.id import ID
+
+    from shard_common.identity import Identity
+
+    ident = Identity.generate()
+    key = Ed25519PrivateKey.from_bytes(ident.private_bytes())
+    assert ID.from_pubkey(key.get_public_key()).to_base58() == ident.peer_id
+
+
+# ---- placement ---------------------------------------------------------------------------------
+
+def scouts(*names, max_blocks=100, throughput=1.0):
+    return [Candidate(n, max_blocks, throughput) for n in names]
+
+
+def test_newcomers_fill_the_model_back_to_back_then_replicate_the_weakest_span():
+    assigned = plan(30, scouts("a"), {}, span_limit=15)
+    assert assigned == {"a": (0, 15)}
+    assigned = plan(30, scouts("a", "b"), assigned, span_limit=15)
+    assert assigned == {"a": (0, 15), "b": (15, 30)}
+    # A third Scout replicates a span; a slow second replica of it leaves the other span weaker.
+    three = [Candidate("a", 100, 1.0), Candidate("b", 100, 1.0), Candidate("c", 100, 0.5)]
+    assigned = plan(30, three, assigned, span_limit=15)
+    assert assigned["c"] in [(0, 15), (15, 30)]
+    d = plan(30, three + [Candidate("d", 100, 1.0)], assigned, span_limit=15)["d"]
+    assert d != assigned["c"] and d in [(0, 15), (15, 30)]
+
+
+def test_memory_limits_the_span_and_gaps_are_filled_in_order():
+    assigned = plan(30, [Candidate("small", 10), Candidate("big", 100)], {})
+    assert assigned["big"] == (0, 30) and assigned["small"] == (0, 10)  # no span fits 10 blocks: it takes a part
+    assigned = plan(30, [Candidate("small", 10), Candidate("tiny", 5)], {})
+    assert assigned == {"small": (0, 10), "tiny": (10, 15)}
+    assert coverage(list(assigned.values()), 30) == [1] * 15 + [0] * 15
+
+
+def test_a_hole_left_by_a_dead_scout_is_filled_by_a_redundant_idle_one():
+    current = {"a": (0, 15), "b": (15, 30), "c": (15, 30)}
+    alive = [Candidate("b", 100), Candidate("c", 100, busy=True)]  # "a" died
+    assigned = plan(30, alive, current, span_limit=15)
+    assert assigned == {"b": (0, 15), "c": (15, 30)}  # the idle replica moved, the busy one stayed
+    assert first_gap(list(assigned.values()), 30) is None
+    # with nobody redundant, the hole stays (and requests get no_route until a Scout joins)
+    assert plan(30, [Candidate("c", 100)], {"c": (15, 30)}, span_limit=15) == {"c": (15, 30)}
+
+
+def test_a_restarted_oracle_adopts_what_scouts_already_serve():
+    found = [Candidate("a", 100, serving=(0, 11)), Candidate("b", 100, serving=(11, 30))]
+    assert plan(30, found, {}, span_limit=15) == {"a": (0, 11), "b": (11, 30)}
+    # ... unless it no longer fits the model
+    assert plan(20, [Candidate("a", 100, serving=(11, 30))], {})["a"] == (0, 20)
+
+
+# ---- routing -----------------------------------------------------------------------------------
+
+def hop(start, end, name, cost=1.0):
+    return SimpleNamespace(span=(start, end), name=name, cost=cost)
+
+
+def route(hops, start=0, end=30):
+    return [h.name for h in shortest_path(hops, start, end, lambda h: h.cost, lambda h: h.span)]
+
+
+def test_shortest_path_takes_the_cheapest_chain_and_reports_gaps():
+    a, b, whole = hop(0, 10, "a"), hop(10, 30, "b"), hop(0, 30, "whole", cost=5.0)
+    assert route([a, b, whole]) == ["a", "b"]
+    assert route([a, b, hop(0, 30, "fast", cost=1.5)]) == ["fast"]
+    assert route([a, hop(10, 30, "slow", 9.0), hop(10, 30, "quick", 2.0)]) == ["a", "quick"]
+    assert route([a, b], 10, 30) == ["b"]
+    with pytest.raises(NoRoute, match="no Scout serves block 10"):
+        route([a])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -28,7 +27,7 @@ SpanLoader = Callable[[OracleAnnouncement, int, int], Span]
 class ScoutControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
-                 allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0, oracle_timeout_seconds: float = 5.0):
+                 allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.server = server
@@ -39,10 +38,8 @@ class ScoutControl:
         self.model = model  # shard set id of the span being served (None: none yet)
         self.allowed_oracles = allowed_oracles
         self.heartbeat_seconds = heartbeat_seconds
-        self.oracle_timeout_seconds = oracle_timeout_seconds
         self.state = "serving" if server.span is not None else "idle"
         self.oracle: OracleAnnouncement | None = None
-        self.oracle_seen = 0.0
         self._seq = 0
         self._requests_seen = 0
         self._loading: asyncio.Task | None = None
@@ -88,11 +85,12 @@ class ScoutControl:
             await asyncio.sleep(self.heartbeat_seconds)
 
     async def _find_oracle_forever(self) -> None:
-        """Without news from an Oracle for a while, look it up in the DHT and dial it directly."""
+        """Look the Oracle up in the DHT once joined, and again whenever this Scout holds no direct
+        connection to it: gossip relayed by other Scouts reaches it too, but a relay can leave."""
+        looked_up = False
         while True:
-            await asyncio.sleep(self.oracle_timeout_seconds if self.oracle is None else self.heartbeat_seconds * 3)
-            oracle_direct = self.oracle is not None and self.oracle.peer_id in self.node.connected_peers()
-            if oracle_direct and time.monotonic() - self.oracle_seen < self.oracle_timeout_seconds:
+            await asyncio.sleep(self.heartbeat_seconds * 2)
+            if looked_up and self.oracle is not None and self.oracle.peer_id in self.node.connected_peers():
                 continue
             try:
                 providers = await self.node.find_providers(ORACLE_DHT_KEY)
@@ -100,7 +98,11 @@ class ScoutControl:
                 log.debug("DHT lookup failed: %r", e)
                 continue
             for peer, addrs in providers:
-                if peer == self.identity.peer_id or peer in self.node.connected_peers():
+                if peer == self.identity.peer_id:
+                    continue
+                looked_up = True
+                if peer in self.node.connected_peers():
+                    log.warning("found Oracle %s through the DHT (already connected)", peer)
                     continue
                 for addr in addrs:
                     try:
@@ -121,7 +123,7 @@ class ScoutControl:
             return
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)
-        self.oracle, self.oracle_seen = a, time.monotonic()
+        self.oracle = a
         wanted = a.assignments.get(self.identity.peer_id)
         if wanted is None or (tuple(wanted) == self.span and a.model == self.model) or self._loading is not None:
             return

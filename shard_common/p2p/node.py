@@ -41,7 +41,8 @@ class P2PConfig:
 def quiet_libp2p_logs(level: int) -> None:
     """py-libp2p logs routine events (a peer closing a DHT stream, its dialer's bookkeeping) as
     warnings and info, some on loggers with levels of their own, past our log format: route its
-    records through our handlers and let only errors through unless ``level`` is debug."""
+    records through our handlers and keep only critical ones unless ``level`` is debug (a failed
+    dial is an ERROR there; this module logs what matters to an operator itself)."""
     import libp2p  # noqa: F401 - its import configures the "libp2p" logger; adjust after that
 
     logger = logging.getLogger("libp2p")
@@ -50,7 +51,7 @@ def quiet_libp2p_logs(level: int) -> None:
         return
 
     def drop_chatter(record: logging.LogRecord) -> bool:
-        return not record.name.startswith("libp2p") or record.levelno >= logging.ERROR
+        return not record.name.startswith("libp2p") or record.levelno >= logging.CRITICAL
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(drop_chatter)

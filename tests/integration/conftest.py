@@ -42,14 +42,15 @@ ADMIN_KEY = "sk-oracle-test-admin-" + "x" * 32
 class OracleProcess:
     """A real ``shard-oracle serve`` in its own data directory, stopped with SIGTERM."""
 
-    def __init__(self, data_dir, *extra: str, env: dict | None = None, ready: bool = True):
+    def __init__(self, data_dir, *extra: str, env: dict | None = None, ready: bool = True, p2p_port: int | None = None):
         self.port = free_port()
+        self.p2p_port = p2p_port or free_port()  # libp2p, used with --swarm / --local-scouts
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(str(data_dir), f"oracle-{self.port}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oracle.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--log-level", "info", *extra],
+             "--log-level", "info", "--p2p-port", str(self.p2p_port), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SHARD_ADMIN_KEY": ADMIN_KEY, **(env or {})},
         )
         try:
@@ -61,6 +62,21 @@ class OracleProcess:
     def stop(self) -> None:
         stop_process(self.proc, timeout=30)
         self.log.close()
+
+    def status(self) -> dict:
+        return requests.get(self.url + "/v1/cluster/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()
+
+    def wait_for(self, what: str, check, timeout: float = 60.0):
+        """Poll the cluster status until ``check(status)`` is truthy; returns that value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            value = check(status)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last status: {status}")
+            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

@@ -49,10 +49,13 @@ def measure(name: str, extra: list[str], port: int, clients: list[int], max_toke
                 if after["mode"] == "swarm":
                     hops = {s["peer_id"]: s for s in after["scouts"]}
                     prev = {s["peer_id"]: s for s in before["scouts"]}
-                    forwards = sum(h["forwards"] - prev[p]["forwards"] for p, h in hops.items())
-                    overhead = [h["overhead_ms"] for h in hops.values() if h["overhead_ms"] is not None]
+                    def delta(field: str) -> int:
+                        return sum(h.get(field, 0) - prev.get(p, {}).get(field, 0) for p, h in hops.items())
+
+                    forwards = delta("forwards")
+                    overhead = [h["overhead_ms"] for h in hops.values() if h.get("overhead_ms") is not None]
                     row["hop_overhead_ms"] = sum(overhead) / len(overhead) if overhead else None
-                    row["wire_bytes_per_token"] = sum(h["wire_bytes"] - prev[p]["wire_bytes"] for p, h in hops.items()) / row["tokens"]
+                    row["wire_bytes_per_token"] = delta("wire_bytes") / row["tokens"]
                     row["forwards"] = forwards
                 rows.append(row)
             return rows
@@ -66,9 +69,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--scouts", type=int, default=2)
+    parser.add_argument("--wire-dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
     rows = measure("single process", [], 8781, args.clients, args.max_tokens)
-    rows += measure(f"oracle + {args.scouts} scouts", ["--local-scouts", str(args.scouts)], 8782, args.clients, args.max_tokens)
+    for i, dtype in enumerate(args.wire_dtypes):
+        rows += measure(f"oracle + {args.scouts} scouts, {dtype} wire", ["--local-scouts", str(args.scouts), "--wire-dtype", dtype,
+                                                                      "--p2p-port", str(8790 + i)], 8782 + i, args.clients, args.max_tokens)
     single = {r["clients"]: r["aggregate_tok_s"] for r in rows if r["setup"] == "single process"}
     for r in rows:
         r["vs_single"] = r["aggregate_tok_s"] / single[r["clients"]]

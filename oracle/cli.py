@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,
                help="compute the blocks no Scout serves (or whose Scouts all died) in this process instead of answering 503")
-    add_option(serve, "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    add_option(serve, "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                help="dtype of hidden states sent to Scouts (float32 keeps outputs identical to local runs)")
     add_model_options(serve)
     add_storage_options(serve)

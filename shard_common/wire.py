@@ -23,7 +23,10 @@ VERSION = 1
 PRELUDE = struct.Struct(">2sBBIQ")
 MAX_HEADER = 64 * 1024
 MAX_BODY = 512 * 1024 * 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+# int8 on the wire: every run of INT8_BLOCK values of the last dimension shares one fp16 scale
+# (max |x| / 127); the scales travel first, then the int8 values. ~1.06 bytes per value.
+INT8_BLOCK = 32
 
 
 class FrameError(ValueError):
@@ -58,19 +61,44 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Kind, Message, bytes
 
 
 def tensor_to_bytes(t: torch.Tensor, dtype: str) -> bytes:
+    if dtype == "int8":
+        return _int8_to_bytes(t)
     t = t.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().tobytes()
 
 
+def _int8_to_bytes(t: torch.Tensor) -> bytes:
+    if t.shape[-1] % INT8_BLOCK:
+        raise ValueError(f"int8 wire format needs a last dimension divisible by {INT8_BLOCK}, not {t.shape[-1]}")
+    blocks = t.detach().float().cpu().reshape(-1, INT8_BLOCK)
+    scales = (blocks.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8).half()
+    values = torch.round(blocks / scales.float()).clamp(-127, 127).to(torch.int8)
+    return scales.numpy().tobytes() + values.numpy().tobytes()
+
+
+def wire_size(shape: tuple[int, ...], dtype: str) -> int:
+    n = torch.Size(shape).numel()
+    if dtype == "int8":
+        return n + n // INT8_BLOCK * 2
+    return n * torch.finfo(DTYPES[dtype]).bits // 8
+
+
 def tensor_from_bytes(body: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     if dtype not in DTYPES:
         raise FrameError(f"unknown dtype {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    expected = torch.Size(shape).numel() * torch.finfo(torch_dtype).bits // 8
+    if dtype == "int8" and (not shape or shape[-1] % INT8_BLOCK):
+        raise FrameError(f"int8 tensors need a last dimension divisible by {INT8_BLOCK}, not {tuple(shape)}")
+    expected = wire_size(shape, dtype)
     if len(body) != expected:
         raise FrameError(f"tensor body has {len(body)} bytes, {tuple(shape)} {dtype} needs {expected}")
+    if dtype == "int8":
+        n_scales = torch.Size(shape).numel() // INT8_BLOCK
+        scales = torch.frombuffer(bytearray(body[: 2 * n_scales]), dtype=torch.float16).float().reshape(-1, 1)
+        values = torch.frombuffer(bytearray(body[2 * n_scales:]), dtype=torch.int8).float().reshape(-1, INT8_BLOCK)
+        return (values * scales).reshape(shape)
+    torch_dtype = DTYPES[dtype]
     raw_dtype = torch.int16 if torch_dtype == torch.bfloat16 else torch_dtype
     t = torch.frombuffer(bytearray(body), dtype=raw_dtype)
     if torch_dtype == torch.bfloat16:

@@ -16,6 +16,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_option(p, "--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
                help="quantize a Hugging Face checkpoint at load time")
     add_option(p, "--kv-budget-gb", default=2.0, type=float, help="memory for KV caches")
+    add_option(p, "--speculative", default="auto", choices=["off", "ngram", "scout", "auto"],
+               help="speculative decoding: ngram = prompt lookup; scout = a draft Scout (falls back to ngram); "
+                    "auto = scout when one serves, else ngram; a request may override it with \"speculative\"")
     add_option(p, "--log-level", default="warning", help="debug, info, warning, error")
 
 
@@ -24,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from oracle.engine.sampler import SamplingParams
     from oracle.engine.sequence import Sequence
 
-    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize)
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, speculative=args.speculative)
     tok = local.tokenizer
     ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
     params = SamplingParams(
@@ -35,7 +38,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"[{len(seq.output)} tokens, finish_reason={seq.finish_reason}]", file=sys.stderr)
+    spec = seq.spec.stats.as_dict()
+    drafted = f", speculation: {spec['tokens_per_pass']} tokens per pass, {spec['acceptance_rate']:.0%} of drafts accepted" if spec["passes"] else ""
+    print(f"[{len(seq.output)} tokens, finish_reason={seq.finish_reason}{drafted}]", file=sys.stderr)
     return 0
 
 

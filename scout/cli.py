@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--memory-gb", default=2.0, type=float, help="memory for weights and KV caches; the Oracle sizes the span by it")
     add_option(p, "--threads", default=0, type=int, help="torch threads for the span's math (0: torch's default, one per core)")
     add_option(p, "--allow-oracles", default="", help="comma-separated peer ids allowed to connect and assign spans (empty: any)")
+    add_option(p, "--session-idle-seconds", default=600.0, type=float, help="free a session's KV cache after this long unused")
     add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     return p
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         del weights
     executor = MainThreadExecutor()
     allowed = {p.strip() for p in args.allow_oracles.split(",") if p.strip()} or None
-    server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed)
+    server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed, args.session_idle_seconds)
     control = None
     if bootstrap or args.mdns:
         control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
@@ -156,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         await stop.wait()
         if control:
             await control.stop()
-        server.server.close()
-        await server.server.wait_closed()
+        await server.close()
 
     return run_servers(serve, executor, "scout")
 

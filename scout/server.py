@@ -30,7 +30,7 @@ class SpanServer:
     assigned; connections before that are refused with an ERROR frame (the Oracle retries)."""
 
     def __init__(self, span: Span | None, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
-                 allowed_peers: set[str] | None = None):
+                 allowed_peers: set[str] | None = None, session_idle_seconds: float = 600.0):
         self.span = span
         self.identity = identity
         self.model_name = model_name
@@ -40,6 +40,8 @@ class SpanServer:
         self.server: asyncio.Server | None = None
         self.requests = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self.session_idle_seconds = session_idle_seconds
+        self._expiry: asyncio.Task | None = None
 
     def set_span(self, span: Span, model_name: str) -> None:
         """Serve ``span`` from now on. Connections made for the old span are closed: their
@@ -50,7 +52,27 @@ class SpanServer:
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         self.server = await asyncio.start_server(self._handle, host, port, ssl=self.ssl)
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_idle_forever())
         return self.server
+
+    async def _expire_idle_forever(self) -> None:
+        """Free caches of sessions nobody has stepped for a while (an Oracle that vanished without
+        closing them), so they cannot hold the KV budget forever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(60.0, self.session_idle_seconds / 4))
+            span = self.span
+            if span is None:
+                continue
+            expired = await loop.run_in_executor(self.executor, span.kv.expire_idle, time.monotonic(), self.session_idle_seconds)
+            if expired:
+                log.warning("freed %d sessions idle for over %.0f s", len(expired), self.session_idle_seconds)
+
+    async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.server.close()
+        await self.server.wait_closed()
 
     @property
     def port(self) -> int:

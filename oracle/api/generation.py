@@ -63,6 +63,7 @@ def sampling_params(
         top_logprobs=top_logprobs,
         stop=req.stop_list_value(),
         ignore_eos=bool(req.ignore_eos),
+        speculative=req.speculative,
     )
 
 

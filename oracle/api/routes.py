@@ -331,7 +331,8 @@ async def cluster_status(request: web.Request) -> web.Response:
         raise APIError(403, "Cluster status needs an admin key", type="permission_error", code="admin_required")
     sched = state.scheduler
     common = dict(model=state.model_ids[0], n_layers=state.n_layers, running_sequences=sched.running_sequences,
-                  waiting_requests=len(sched.waiting), tokens_generated=sched.tokens_generated, steps=sched.steps)
+                  waiting_requests=len(sched.waiting), tokens_generated=sched.tokens_generated, steps=sched.steps,
+                  speculative=sched.engine.speculation_status())
     if state.swarm is None:
         body = ClusterStatus(mode="local", oracle_peer_id=None, wire_dtype=None, coverage=[1] * state.n_layers, chain=[], local_spans=[(0, state.n_layers)],
                              scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.local.kv.sessions), **common)

@@ -75,6 +75,8 @@ class SamplingFields(Schema):
     # Extensions many servers accept (vLLM, llama.cpp).
     top_k: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
+    # Shard's own: how to decode this request (see docs/speculative.md); the server's --speculative when unset.
+    speculative: Literal["off", "ngram", "scout", "auto"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -362,6 +364,16 @@ class ScoutStatus(Schema):
     p2p_connected: bool | None = None
 
 
+class SpeculationStatus(Schema):
+    mode: str  # the server's default (--speculative)
+    drafters: list[str]
+    passes: int  # verification passes of finished sequences
+    drafted: int
+    accepted: int
+    acceptance_rate: float | None
+    tokens_per_pass: float | None
+
+
 class ClusterStatus(Schema):
     model: str
     n_layers: int
@@ -379,3 +391,4 @@ class ClusterStatus(Schema):
     waiting_requests: int
     tokens_generated: int
     steps: int
+    speculative: SpeculationStatus

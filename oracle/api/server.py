@@ -101,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
         made["swarm"] = build_swarm(args, weights, made["manifest"])
         return made["swarm"]
 
-    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline_for)
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline_for, args.speculative)
     manifest, swarm = made["manifest"], made["swarm"]
     local_scouts: list[LocalScout] = []
     name = args.served_model_name or path.stem

@@ -7,6 +7,8 @@ their prompt and some decoding, share every forward pass.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from shard_common.model.ends import ModelEnds
@@ -15,29 +17,58 @@ from shard_common.tokenizer import Tokenizer
 
 from .pipeline import Pipeline
 from .sequence import Sequence, TokenEvent
+from .speculative import Draft, Drafter, NgramDrafter, SpeculationStats
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, ends: ModelEnds, pipeline: Pipeline, tokenizer: Tokenizer, prefill_chunk: int = 256):
+    def __init__(self, ends: ModelEnds, pipeline: Pipeline, tokenizer: Tokenizer, prefill_chunk: int = 256,
+                 speculative: str = "off", drafters: dict[str, Drafter] | None = None):
         self.ends = ends
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.context_length = ends.config.context_length
         self.prefill_chunk = prefill_chunk
+        self.speculative = speculative  # the default mode; a request may ask for another
+        self.drafters = {"ngram": NgramDrafter(), **(drafters or {})}
+        self.speculation = SpeculationStats()  # over all finished sequences
 
-    def plan(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """How many pending tokens each sequence feeds this step: decoders one each, prefills share
-        what is left of the chunk budget, so a long prompt never stalls running streams."""
+    def drafter_for(self, seq: Sequence) -> Drafter | None:
+        mode = seq.params.speculative or self.speculative
+        if mode == "off":
+            return None
+        if mode in ("scout", "auto") and "scout" in self.drafters:
+            return self.drafters["scout"]
+        return self.drafters["ngram"]  # "scout" without a draft Scout falls back to prompt lookup
+
+    def _draft(self, seq: Sequence) -> Draft | None:
+        drafter = self.drafter_for(seq)
+        if drafter is None:
+            return None
+        # Never draft past what the sequence may still produce: the last token comes from the target.
+        room = min(seq.params.max_tokens - len(seq.output), self.context_length - len(seq.tokens)) - 1
+        k = min(seq.spec.wanted(), room)
+        if k <= 0:
+            return None
+        draft = drafter.propose(seq.tokens, k)
+        return draft if draft and draft.tokens else None
+
+    def plan(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Draft | None]]:
+        """What each sequence feeds this step: decoders their pending token (and a draft, when
+        speculating), prefills share what is left of the chunk budget, so a long prompt never
+        stalls running streams."""
         plan = []
         budget = self.prefill_chunk
         for s in seqs:
-            if s.pending == 1:
-                plan.append((s, 1))
-                budget -= 1
+            if s.pending == 1 and s.share_prefill_with is None:
+                draft = self._draft(s)
+                plan.append((s, 1, draft))
+                budget -= 1 + (len(draft.tokens) if draft else 0)
         for s in seqs:
             if s.pending > 1 and budget > 0:
                 n = min(s.pending, budget)
-                plan.append((s, n))
+                plan.append((s, n, None))
                 budget -= n
         return plan
 
@@ -58,30 +89,63 @@ class Engine:
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
         self._share_prefills(seqs)
-        plan = [(s, n) for s, n in self.plan(seqs) if s.share_prefill_with is None]
+        plan = [(s, n, d) for s, n, d in self.plan(seqs) if s.share_prefill_with is None]
         if not plan:
             return []
-        ids = [t for s, n in plan for t in s.tokens[s.cached:s.cached + n]]
-        requests = [SpanRequest(s.session, s.cached, n) for s, n in plan]
-        hidden = self.pipeline.forward(self.ends.embed(ids), requests)
-        rows, done = [], []
+        fed = [s.tokens[s.cached:s.cached + n] + (d.tokens if d else []) for s, n, d in plan]
+        requests = [SpanRequest(s.session, s.cached, len(ids)) for (s, _, _), ids in zip(plan, fed)]
+        hidden = self.pipeline.forward(self.ends.embed([t for ids in fed for t in ids]), requests)
+        rows, scored = [], []  # output rows to score, and per scored sequence how many
         offset = 0
-        for s, n in plan:
-            offset += n
+        for (s, n, draft), ids in zip(plan, fed):
+            offset += len(ids)
             s.cached += n
             if s.pending == 0:
-                rows.append(offset - 1)
-                done.append(s)
+                width = 1 + (len(draft.tokens) if draft else 0)
+                rows.extend(range(offset - width, offset))
+                scored.append((s, draft, width))
         events = []
         if rows:
             # Sampling state (generators, penalty counts) lives on the CPU whatever the device.
             logits = self.ends.logits(hidden[rows]).cpu()
-            for s, row in zip(done, logits):
-                events.append((s, s.append(s.sampler.choose(row))))
+            start = 0
+            for s, draft, width in scored:
+                part = logits[start:start + width]
+                start += width
+                if draft is None:
+                    events.append((s, s.append(s.sampler.choose(part[0]))))
+                else:
+                    events.extend((s, e) for e in self._accept(s, draft, part))
+        return events
+
+    def _accept(self, s: Sequence, draft: Draft, logits: torch.Tensor) -> list[TokenEvent]:
+        """Judge ``draft`` with the target's ``logits`` (one row per drafted token, plus one), emit
+        the accepted prefix and one more token, and roll every cache back to what was accepted."""
+        events, accepted = [], 0
+        for j, token in enumerate(draft.tokens):
+            choice, ok = s.sampler.verify(logits[j], token, draft.probs[j] if draft.probs else None)
+            events.append(s.append(choice))
+            if not ok or s.finished:
+                break
+            accepted += 1
+        else:
+            events.append(s.append(s.sampler.choose(logits[len(draft.tokens)])))
+        s.spec.update(len(draft.tokens), accepted, len(events))
+        valid = s.cached + accepted  # the pending token's position and the accepted drafts
+        if not s.finished and accepted < len(draft.tokens):
+            self.pipeline.rollback(s.session, valid)
+        s.cached = valid
         return events
 
     def release(self, seq: Sequence) -> None:
+        stats = seq.spec.stats
+        if stats.passes:
+            self.speculation.add(stats)
+            log.info("%s: %d tokens; speculation %s", seq.session, len(seq.output), stats.as_dict())
         self.pipeline.free(seq.session)
+
+    def speculation_status(self) -> dict:
+        return {"mode": self.speculative, "drafters": sorted(self.drafters), **self.speculation.as_dict()}
 
     def generate(self, seqs: list[Sequence]):
         """Run sequences to the end, yielding (sequence, event) as tokens come."""

@@ -28,7 +28,7 @@ class LocalModel:
 
 
 def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
-                      pipeline_for: Callable[[ModelWeights], Pipeline | None] | None = None) -> LocalModel:
+                      pipeline_for: Callable[[ModelWeights], Pipeline | None] | None = None, speculative: str = "off") -> LocalModel:
     """The engine over the pipeline ``pipeline_for(weights)`` gives, or over all blocks in this
     process when it gives none."""
     t0 = time.monotonic()
@@ -38,6 +38,6 @@ def build_local_model(model: str | None = None, backend: str = "quant", kv_budge
     pipeline = pipeline_for(weights) if pipeline_for else None
     if pipeline is None:
         pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
-    engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer)
+    engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer, speculative=speculative)
     log.info("model %s ready in %.1fs (%s, %s on %s)", weights.name, time.monotonic() - t0, backend, runtime.dtype, runtime.device)
     return LocalModel(weights, tokenizer, engine)

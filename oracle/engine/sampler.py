@@ -24,6 +24,7 @@ class SamplingParams:
     top_logprobs: int = 0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    speculative: str | None = None  # off | ngram | scout | auto; None: the server's default
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +96,37 @@ class SequenceSampler:
             token = int(torch.argmax(adjusted))
         else:
             token = int(torch.multinomial(self.probabilities(adjusted), 1, generator=self.generator))
+        return self._chosen(token, adjusted)
+
+    def verify(self, logits: torch.Tensor, draft: int, q: torch.Tensor | None = None) -> tuple[TokenChoice, bool]:
+        """Judge a drafted token against the target's ``logits`` at its position: (the token to
+        emit, whether it is the draft). Greedy: accepted when it is the target's argmax, else the
+        argmax is emitted. Sampling: accepted with probability min(1, p(x)/q(x)), else a token is
+        drawn from the normalised max(0, p − q) — so emitted tokens follow the target's
+        distribution p exactly, whatever the drafter proposes. ``q`` is the drafter's distribution
+        (None: a deterministic drafter, q = one-hot on the draft)."""
+        adjusted = self.adjusted(logits)
+        if self.params.greedy:
+            token = int(torch.argmax(adjusted))
+            return self._chosen(token, adjusted), token == draft
+        p = self.probabilities(adjusted)
+        q_draft = 1.0 if q is None else float(q[draft])
+        u = float(torch.rand((), generator=self.generator))
+        if q_draft > 0 and u < float(p[draft]) / q_draft:
+            return self._chosen(draft, adjusted), True
+        if q is None:
+            residual = p.clone()
+            residual[draft] = 0.0
+        else:
+            residual = (p - q[: p.numel()]).clamp_min(0.0)
+        total = float(residual.sum())
+        residual = residual / total if total > 0 else p
+        token = int(torch.multinomial(residual, 1, generator=self.generator))
+        return self._chosen(token, adjusted), False
+
+    def _chosen(self, token: int, adjusted: torch.Tensor) -> TokenChoice:
+        """The choice of ``token``, with the logprobs asked for (always the target's)."""
+        p = self.params
         choice = TokenChoice(token)
         if p.logprobs:
             logprobs = torch.log_softmax(adjusted, dim=-1)

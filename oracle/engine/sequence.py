@@ -9,6 +9,7 @@ from shard_common.tokenizer import Tokenizer
 
 from .detokenizer import TextAssembler
 from .sampler import SamplingParams, SequenceSampler, TokenChoice
+from .speculative import SpeculationState
 
 _ids = itertools.count()
 
@@ -39,6 +40,7 @@ class Sequence:
         self.sampler = SequenceSampler(self.params, self.tokenizer.vocab_size)
         self.assembler = TextAssembler(self.tokenizer, self.params.stop)
         self.finish_reason: str | None = None
+        self.spec = SpeculationState()
 
     @property
     def finished(self) -> bool:

@@ -22,15 +22,15 @@ def tiny_span(weights, quant_parts):
     return Span(weights, 0, 2, quant_parts[0])
 
 
-def run_with_server(tiny_span, tmp_path, body):
+def run_with_server(tiny_span, tmp_path, body, **options):
     async def main():
         ident = Identity.generate()
-        server = SpanServer(tiny_span, ident, "test", ThreadPoolExecutor(1), tmp_path)
+        server = SpanServer(tiny_span, ident, "test", ThreadPoolExecutor(1), tmp_path, **options)
         await server.start("127.0.0.1", 0)
         try:
             return await body(server, ident)
         finally:
-            server.server.close()
+            await server.close()
 
     return asyncio.run(main())
 
@@ -63,6 +63,39 @@ def test_forward_over_the_wire_matches_local(tiny_span, quant_parts, tmp_path):
     local = tiny_span.forward(hidden, [SpanRequest("local", 0, 4)])
     tiny_span.free("local")
     assert torch.equal(remote, local)
+
+
+def test_sessions_left_idle_are_freed(tiny_span, quant_parts, tmp_path):
+    hidden = quant_parts[2].embed([1, 2, 3])
+
+    async def body(server, ident):
+        conn = await ScoutConnection(ScoutAddress(ident.peer_id, "127.0.0.1", server.port), Identity.generate()).open()
+        await conn.forward(hidden, [SpanRequest("forgotten", 0, 3)], "float32")
+        assert "forgotten" in tiny_span.kv.sessions
+        await asyncio.sleep(0.6)
+        await conn.close()
+        return "forgotten" in tiny_span.kv.sessions
+
+    assert run_with_server(tiny_span, tmp_path, body, session_idle_seconds=0.2) is False
+
+
+def test_a_scout_without_a_span_refuses_connections_until_it_has_one(tiny_span, tmp_path):
+    async def main():
+        ident = Identity.generate()
+        server = SpanServer(None, ident, "", ThreadPoolExecutor(1), tmp_path)
+        await server.start("127.0.0.1", 0)
+        address = ScoutAddress(ident.peer_id, "127.0.0.1", server.port)
+        try:
+            with pytest.raises(ScoutError, match="ERROR"):
+                await ScoutConnection(address, Identity.generate()).open()
+            server.set_span(tiny_span, "test")
+            conn = await ScoutConnection(address, Identity.generate()).open()
+            assert conn.span == (0, 2)
+            await conn.close()
+        finally:
+            await server.close()
+
+    asyncio.run(main())
 
 
 def test_wrong_peer_id_is_refused(tiny_span, tmp_path):

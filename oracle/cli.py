@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                "(no libp2p needed); combined with --swarm, both are used")
     add_option(serve, "--local-scouts", default=0, type=int,
                help="start this many Scout processes on this machine; they join over libp2p and get spans like remote ones")
+    add_option(serve, "--local-draft-scouts", default=0, type=int,
+               help="start this many draft Scouts on this machine (the whole model, proposing tokens for --speculative scout/auto)")
+    add_option(serve, "--draft-deadline", default=2.0, type=float,
+               help="seconds to wait for a draft Scout's proposal before using prompt lookup for that step")
     add_option(serve, "--local-scout-replicas", default=1, type=int,
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import threading
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(the Oracle prints its own at start)")
     add_option(p, "--mdns", action="store_true", default=False, help="also find swarm members on the LAN with mDNS")
     add_option(p, "--p2p-port", default=0, type=int, help="libp2p TCP port (0: any free port)")
+    add_option(p, "--role", default="span", choices=["span", "draft"],
+               help="span: serve blocks the Oracle assigns; draft: run a whole small model with the target's vocabulary "
+                    "and propose tokens for speculative decoding")
+    add_option(p, "--draft-model", default=None, help="with --role draft: the GGUF/HF model to draft with (default: the "
+                                                       "Oracle's own model, downloaded whole)")
     add_option(p, "--span", default=None, type=parse_span, help="serve blocks [START, END) from the start instead of waiting "
                                                                 "for the Oracle to assign a span, e.g. 0:15")
     add_option(p, "--oracle-url", default=None, help="download shard files from this Oracle (http://host:port) instead of "
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--threads", default=0, type=int, help="torch threads for the span's math (0: torch's default, one per core)")
     add_option(p, "--allow-oracles", default="", help="comma-separated peer ids allowed to connect and assign spans (empty: any)")
     add_option(p, "--session-idle-seconds", default=600.0, type=float, help="free a session's KV cache after this long unused")
+    add_option(p, "--simulate-latency-ms", default=0.0, type=float,
+               help="for benchmarks only: delay every data-plane reply, as over a slow link (one round trip per hop)")
     add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     return p
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
-    if args.span is None and not bootstrap and not args.mdns:
+    if args.span is None and not bootstrap and not args.mdns and args.role == "span":
         print("shard-scout: give --bootstrap MULTIADDR (or --mdns) to join a swarm, or --span START:END to serve "
               "a fixed span", file=sys.stderr)
         return 2
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
 
     from .control import ScoutControl
+    from .draft_model import DraftModel
     from .server import SpanServer
 
     quiet_libp2p_logs(logging.getLogger().level)
@@ -108,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     kv_budget = int(args.memory_gb * (1 << 30))
     capabilities = Capabilities(device=str(runtime.device), threads=torch.get_num_threads(), memory_bytes=kv_budget)
 
-    def manifest_for(shards_url: str | None, start: int, end: int, model: str | None = None) -> Path:
+    def manifest_for(shards_url: str | None, start: int, end: int, model: str | None = None, with_ends: bool = False) -> Path:
         if args.shards and (model is None or shards.set_id(args.shards) == model):
             return Path(args.shards)
         url = args.oracle_url or shards_url
         if url is None:
             raise RuntimeError("no shard source: give --oracle-url or --shards")
         return shards.fetch(url.rstrip("/") + ("" if url.rstrip("/").endswith("/shards") else "/shards"),
-                            data_dir / "shards", start, end)
+                            data_dir / "shards", start, end, with_ends=with_ends)
 
     def build_span(weights, start: int, end: int) -> Span:
         span = Span(weights, start, end, runtime, kv_budget_bytes=kv_budget)
@@ -125,8 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     def load_assigned(oracle, start: int, end: int) -> Span:
         return build_span(shards.load(manifest_for(oracle.shards_url, start, end, oracle.model), start, end), start, end)
 
+    def load_draft_model(oracle) -> DraftModel:
+        if args.draft_model:
+            weights = load_weights(args.draft_model)
+        else:
+            n_layers = oracle.n_layers if oracle else json.loads(Path(args.shards).read_text())["config"]["n_layers"]
+            manifest = manifest_for(oracle.shards_url if oracle else None, 0, n_layers, oracle.model if oracle else None,
+                                    with_ends=True)
+            weights = shards.load(manifest, 0, n_layers, with_ends=True)
+        return DraftModel(weights, runtime, kv_budget)
+
     span, model_name, model_id = None, "", None
-    if args.span is not None:
+    draft = None
+    if args.role == "draft" and (args.draft_model or args.shards):
+        draft = load_draft_model(None)
+        model_id = shards.set_id(args.shards) if args.shards and not args.draft_model else None
+    if args.span is not None and draft is None:
         start, end = args.span
         if args.oracle_url or args.shards:
             manifest = manifest_for(None, start, end)
@@ -138,18 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         del weights
     executor = MainThreadExecutor()
     allowed = {p.strip() for p in args.allow_oracles.split(",") if p.strip()} or None
-    server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed, args.session_idle_seconds)
+    server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed, args.session_idle_seconds,
+                        args.simulate_latency_ms)
+    if draft is not None:
+        server.set_draft_model(draft)
     control = None
     if bootstrap or args.mdns:
         control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
                                load_assigned, args.announce_host or args.host, capabilities, model_id, allowed,
-                               heartbeat_seconds=args.heartbeat)
+                               heartbeat_seconds=args.heartbeat, load_draft=load_draft_model if args.role == "draft" else None)
 
     async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         await server.start(args.host, args.data_port)
         addrs = await control.start() if control else []
         # One line a script can parse: how to reach this Scout.
-        where = f"span {span.start}:{span.end}" if span else "waiting for a span"
+        where = "drafting" if args.role == "draft" else f"span {span.start}:{span.end}" if span else "waiting for a span"
         print(f"scout {identity.peer_id}@{args.host}:{server.port} {where}", flush=True)
         for a in addrs:
             log.warning("libp2p: %s", a)

@@ -27,12 +27,14 @@ SpanLoader = Callable[[OracleAnnouncement, int, int], Span]
 class ScoutControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
-                 allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0):
+                 allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0,
+                 load_draft: Callable[[OracleAnnouncement], object] | None = None):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.server = server
         self.executor = executor
         self.load_span = load_span
+        self.load_draft = load_draft  # set for a draft Scout (--role draft): loads its whole model
         self.data_host = data_host
         self.capabilities = capabilities
         self.model = model  # shard set id of the span being served (None: none yet)
@@ -66,8 +68,10 @@ class ScoutControl:
         span = self.server.span
         load = (self.server.requests - self._requests_seen) / self.heartbeat_seconds
         self._requests_seen = self.server.requests
+        draft = self.server.draft
         return ScoutAnnouncement(
             peer_id=self.identity.peer_id, seq=self._seq, data_host=self.data_host, data_port=self.server.port,
+            role="draft" if self.load_draft else "span", vocab_digest=draft.vocab_digest if draft else None,
             model=self.model, span=self.span, state=self.state, capabilities=self.capabilities,
             sessions=len(span.kv.sessions) if span else 0, load=load, free_kv_bytes=span.kv.free_bytes if span else 0)
 
@@ -124,10 +128,30 @@ class ScoutControl:
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)
         self.oracle = a
+        if self.load_draft is not None:
+            if self.server.draft is None and self._loading is None:
+                self._loading = asyncio.get_running_loop().create_task(self._load_draft(a))
+            return
         wanted = a.assignments.get(self.identity.peer_id)
         if wanted is None or (tuple(wanted) == self.span and a.model == self.model) or self._loading is not None:
             return
         self._loading = asyncio.get_running_loop().create_task(self._switch(a, tuple(wanted)))
+
+    async def _load_draft(self, oracle: OracleAnnouncement) -> None:
+        log.warning("loading %s to draft for Oracle %s", oracle.model_name, oracle.peer_id)
+        self.state = "loading"
+        try:
+            draft = await asyncio.get_running_loop().run_in_executor(self.executor, self.load_draft, oracle)
+            self.server.set_draft_model(draft)
+            self.model, self.state = oracle.model, "serving"
+            await self.announce()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not load the draft model")
+            self.state = "idle"
+        finally:
+            self._loading = None
 
     async def _switch(self, oracle: OracleAnnouncement, span: tuple[int, int]) -> None:
         log.warning("assigned blocks [%d, %d) of %s: loading", span[0], span[1], oracle.model_name)

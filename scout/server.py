@@ -30,7 +30,7 @@ class SpanServer:
     assigned; connections before that are refused with an ERROR frame (the Oracle retries)."""
 
     def __init__(self, span: Span | None, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
-                 allowed_peers: set[str] | None = None, session_idle_seconds: float = 600.0):
+                 allowed_peers: set[str] | None = None, session_idle_seconds: float = 600.0, simulate_latency_ms: float = 0.0):
         self.span = span
         self.identity = identity
         self.model_name = model_name
@@ -40,8 +40,18 @@ class SpanServer:
         self.server: asyncio.Server | None = None
         self.requests = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self.draft = None  # a DraftModel when this Scout drafts (--role draft)
         self.session_idle_seconds = session_idle_seconds
+        # Benchmarks only: every reply waits this long, as if the link to the Oracle were slow
+        # (this machine's kernel has no netem to delay packets for real).
+        self.simulate_latency_s = simulate_latency_ms / 1000
         self._expiry: asyncio.Task | None = None
+
+    def set_draft_model(self, draft) -> None:
+        """Serve as a draft Scout: ``draft`` (a DraftModel) answers DRAFT requests; its span holds
+        the whole model, so forwards, rollbacks and closes work on it as on any span."""
+        self.draft = draft
+        self.set_span(draft.span, draft.name)
 
     def set_span(self, span: Span, model_name: str) -> None:
         """Serve ``span`` from now on. Connections made for the old span are closed: their
@@ -93,13 +103,16 @@ class SpanServer:
             self._writers.add(writer)
             await write_frame(writer, Kind.WELCOME, Welcome(
                 peer_id=self.identity.peer_id, model=self.model_name, span=(span.start, span.end),
-                n_layers=span.config.n_layers, wire_dtypes=list(DTYPES)))
+                n_layers=span.config.n_layers, wire_dtypes=list(DTYPES), role="draft" if self.draft else "span",
+                vocab_digest=self.draft.vocab_digest if self.draft else None))
             log.info("connection from %s", peer)
             while True:
                 kind, message, body = await read_frame(reader)
                 if self.span is not span:
                     break  # the Scout moved to another span: this connection's sessions are gone
                 reply_kind, reply, reply_body = await self._dispatch(span, kind, message, body, sessions)
+                if self.simulate_latency_s:
+                    await asyncio.sleep(self.simulate_latency_s)
                 await write_frame(writer, reply_kind, reply, reply_body)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
@@ -125,6 +138,13 @@ class SpanServer:
         try:
             if kind == Kind.FORWARD:
                 return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions)
+            if kind == Kind.DRAFT:
+                if self.draft is None:
+                    return Kind.ERROR, Error(id=message.id, code="not_a_drafter", message="this Scout serves a span, not drafts"), b""
+                drafted = await loop.run_in_executor(self.executor, self.draft.draft, message)
+                sessions.add(message.session)
+                drafted.id = message.id
+                return Kind.DRAFTED, drafted, b""
             if kind == Kind.ROLLBACK:
                 await loop.run_in_executor(self.executor, span.rollback, message.session, message.length)
             elif kind == Kind.FORK:

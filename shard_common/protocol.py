@@ -20,6 +20,8 @@ class Kind(IntEnum):
     RESULT = 8
     ERROR = 9
     CHALLENGE = 10
+    DRAFT = 11
+    DRAFTED = 12
 
 
 class Message(BaseModel):
@@ -51,6 +53,8 @@ class Welcome(Message):
     span: tuple[int, int]
     n_layers: int
     wire_dtypes: list[str]
+    role: str = "span"  # "draft": a whole (small) model that proposes tokens
+    vocab_digest: str | None = None
 
 
 class SessionSlice(BaseModel):
@@ -84,6 +88,29 @@ class Ping(Message):
     pass
 
 
+class Draft(Message):
+    """Oracle → draft Scout: the session's context from ``start`` on (what the Scout's cache does not
+    hold yet: it keeps the first ``start`` positions and drops the rest), then k proposals."""
+
+    session: str = Field(max_length=128)
+    start: int = Field(ge=0)
+    tokens: list[int] = Field(min_length=1, max_length=32768)
+    k: int = Field(ge=1, le=32)
+    temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy, no distribution returned
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class Drafted(Message):
+    """Draft Scout → Oracle: the proposed tokens and, when sampled, the distribution each was drawn
+    from (its support and probabilities), so the Oracle can accept exactly by rejection sampling."""
+
+    tokens: list[int]
+    support: list[list[int]] | None = None
+    probs: list[list[float]] | None = None
+    compute_ms: float = 0.0
+
+
 class Result(Message):
     """Reply to any request; a forward's hidden states travel in the frame body."""
 
@@ -100,5 +127,6 @@ class Error(Message):
 MESSAGES: dict[Kind, type[Message]] = {
     Kind.CHALLENGE: Challenge,
     Kind.HELLO: Hello, Kind.WELCOME: Welcome, Kind.FORWARD: Forward, Kind.ROLLBACK: Rollback, Kind.FORK: Fork,
-    Kind.CLOSE: Close, Kind.PING: Ping, Kind.RESULT: Result, Kind.ERROR: Error,
+    Kind.CLOSE: Close, Kind.PING: Ping, Kind.RESULT: Result, Kind.ERROR: Error, Kind.DRAFT: Draft,
+    Kind.DRAFTED: Drafted,
 }

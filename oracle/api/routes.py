@@ -340,7 +340,7 @@ async def cluster_status(request: web.Request) -> web.Response:
         swarm = state.swarm.status()
         coverage = [0] * state.n_layers
         for scout in swarm["scouts"]:
-            if scout["state"] in ("active", "spare"):
+            if scout["state"] in ("active", "spare") and scout.get("role", "span") == "span":
                 for block in range(*scout["span"]):
                     coverage[block] += 1
         body = ClusterStatus(mode="swarm", coverage=coverage, **swarm, **common)

@@ -341,7 +341,9 @@ class ScoutStatus(Schema):
     peer_id: str
     address: str | None  # data plane HOST:PORT (None until the Oracle has connected)
     span: tuple[int, int] | None
-    state: Literal["active", "spare", "joining", "dead"]
+    state: Literal["active", "spare", "joining", "refused", "dead"]
+    role: Literal["span", "draft"] = "span"  # draft: proposes tokens for speculative decoding
+    refused: str | None = None  # why the Oracle will not use it
     sessions: int = 0  # sessions the Oracle routes through it
     requests: int = 0
     last_ms: float | None = None
@@ -370,6 +372,7 @@ class SpeculationStatus(Schema):
     passes: int  # verification passes of finished sequences
     drafted: int
     accepted: int
+    emitted: int  # tokens produced by verification passes
     acceptance_rate: float | None
     tokens_per_pass: float | None
 

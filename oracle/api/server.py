@@ -34,6 +34,7 @@ from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span
 from shard_common.model.weights import ModelWeights
 from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
+from shard_common.tokenizer import Tokenizer
 
 from . import storage
 from .app import create_app
@@ -66,18 +67,19 @@ def directory_digest(folder: Path) -> str:
 def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path) -> Swarm | None:
     """The Swarm pipeline when blocks run on Scouts (--swarm, --local-scouts or --scouts)."""
     scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
-    if not (scouts or args.swarm or args.local_scouts):
+    if not (scouts or args.swarm or args.local_scouts or args.local_draft_scouts):
         return None
     identity = Identity.load_or_create(Path(args.data_dir) / "identity.key")
     n_layers = weights.config.n_layers
     control = None
-    if args.swarm or args.local_scouts:
+    if args.swarm or args.local_scouts or args.local_draft_scouts:
         span_limit = args.blocks_per_scout
         if not span_limit and args.local_scouts:
             span_limit = math.ceil(n_layers / max(1, args.local_scouts // args.local_scout_replicas))
         public_url = (args.public_url or f"http://{args.host}:{args.port}").rstrip("/")
         block_bytes = max((manifest.parent / f).stat().st_size for f in json.loads(manifest.read_text())["blocks"])
-        offer = ModelOffer(shards.set_id(manifest), weights.name, n_layers, block_bytes, public_url + "/shards")
+        offer = ModelOffer(shards.set_id(manifest), weights.name, n_layers, block_bytes, public_url + "/shards",
+                           weights.tokenizer.vocab_digest())
         bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
         control = OracleControl(identity, P2PConfig(args.p2p_host or args.host, args.p2p_port, bootstrap, args.mdns), offer,
                                 span_limit, dead_after_seconds=args.dead_after)
@@ -87,7 +89,8 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path)
 
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
-    return Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill)
+    return Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill, Tokenizer(weights.tokenizer).vocab_size,
+                 weights.tokenizer.vocab_digest(), args.draft_deadline)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -139,14 +142,16 @@ def serve(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event, ready: threading.Event) -> None:
         if swarm is not None:
             await swarm.connect()
-        if args.local_scouts:
+            local.engine.drafters["scout"] = swarm.drafter
+        if args.local_scouts or args.local_draft_scouts:
             # Hops run one after another, so the Scouts share this machine's cores between them:
             # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
-            threads = max(1, (os.cpu_count() or 1) // args.local_scouts)
+            threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
             extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest),
                      "--bootstrap", swarm.control.node.addrs[0]]
             local_scouts.extend(await asyncio.to_thread(
-                start_local_scouts, args.local_scouts, Path(args.data_dir) / "local-scouts", extra))
+                start_local_scouts, args.local_scouts, Path(args.data_dir) / "local-scouts", extra,
+                args.local_draft_scouts))
         try:
             await run_site(app, args.host, args.port, stop, ready)
         finally:

@@ -38,8 +38,9 @@ class Engine:
         mode = seq.params.speculative or self.speculative
         if mode == "off":
             return None
-        if mode in ("scout", "auto") and "scout" in self.drafters:
-            return self.drafters["scout"]
+        scout = self.drafters.get("scout")
+        if mode in ("scout", "auto") and scout is not None and scout.available:
+            return scout
         return self.drafters["ngram"]  # "scout" without a draft Scout falls back to prompt lookup
 
     def _draft(self, seq: Sequence) -> Draft | None:
@@ -51,7 +52,7 @@ class Engine:
         k = min(seq.spec.wanted(), room)
         if k <= 0:
             return None
-        draft = drafter.propose(seq.tokens, k)
+        draft = drafter.propose(seq.session, seq.tokens, k, seq.params)
         return draft if draft and draft.tokens else None
 
     def plan(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Draft | None]]:
@@ -142,6 +143,8 @@ class Engine:
         if stats.passes:
             self.speculation.add(stats)
             log.info("%s: %d tokens; speculation %s", seq.session, len(seq.output), stats.as_dict())
+        for drafter in self.drafters.values():
+            drafter.release(seq.session)
         self.pipeline.free(seq.session)
 
     def speculation_status(self) -> dict:

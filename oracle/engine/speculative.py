@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from .sampler import SamplingParams
+
 MODES = ("off", "ngram", "scout", "auto")
 
 
@@ -27,7 +29,14 @@ class Draft:
 class Drafter(Protocol):
     name: str
 
-    def propose(self, tokens: list[int], k: int) -> Draft | None: ...
+    @property
+    def available(self) -> bool: ...
+
+    def propose(self, session: str, tokens: list[int], k: int, params: SamplingParams) -> Draft | None:
+        """Up to ``k`` tokens likely to follow ``tokens`` (the session's whole context)."""
+
+    def release(self, session: str) -> None:
+        """The session finished: forget it."""
 
 
 class NgramDrafter:
@@ -36,13 +45,20 @@ class NgramDrafter:
     output repeats its input (summaries, edits, code, extraction)."""
 
     name = "ngram"
+    available = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.window = window
 
-    def propose(self, tokens: list[int], k: int) -> Draft | None:
+    def release(self, session: str) -> None:
+        pass
+
+    def propose(self, session: str, tokens: list[int], k: int, params: SamplingParams | None = None) -> Draft | None:
+        return self.lookup(tokens, k)
+
+    def lookup(self, tokens: list[int], k: int) -> Draft | None:
         context = tokens[-self.window:]
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
@@ -68,7 +84,7 @@ class SpeculationStats:
         self.emitted += other.emitted
 
     def as_dict(self) -> dict:
-        return {"passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
+        return {"passes": self.passes, "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
                 "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
                 "tokens_per_pass": round(self.emitted / self.passes, 3) if self.passes else None}
 

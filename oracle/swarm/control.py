@@ -26,6 +26,7 @@ class ScoutRecord:
     first_seen: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     dead: bool = False
+    refused: str | None = None
 
     @property
     def address(self) -> ScoutAddress:
@@ -42,6 +43,7 @@ class ModelOffer:
     n_layers: int
     block_bytes: int
     shards_url: str | None
+    vocab_digest: str | None = None
 
 
 class OracleControl:
@@ -80,10 +82,13 @@ class OracleControl:
             log.warning("ignored announcement: %s", e)
             return
         record = self.scouts.get(sender)
+        refusal = self._refusal(a)
+        if refusal and (record is None or record.refused != refusal):
+            log.warning("refused Scout %s: %s", sender, refusal)
         if record is None or record.dead:
             log.warning("Scout %s joined (data plane %s:%d, %s)", sender, a.data_host, a.data_port,
                         f"serving [{a.span[0]}, {a.span[1]})" if a.span else "no span yet")
-            self.scouts[sender] = ScoutRecord(a)
+            self.scouts[sender] = ScoutRecord(a, refused=refusal)
             self._joined = True
             self._changed.set()
             return
@@ -91,7 +96,14 @@ class OracleControl:
             return  # a late duplicate relayed by another peer
         if (a.state, a.span) != (record.announcement.state, record.announcement.span):
             self._changed.set()
-        record.announcement, record.last_seen = a, time.monotonic()
+        record.announcement, record.last_seen, record.refused = a, time.monotonic(), refusal
+
+    def _refusal(self, a: ScoutAnnouncement) -> str | None:
+        """Why this Scout cannot serve this Oracle (None: it can)."""
+        if a.role == "draft" and a.state == "serving" and a.vocab_digest != self.offer.vocab_digest:
+            return (f"its draft model's vocabulary ({a.vocab_digest}) is not this model's ({self.offer.vocab_digest}); "
+                    "a drafter must share the target's tokenizer")
+        return None
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -110,7 +122,7 @@ class OracleControl:
                          a.peer_id in self.busy)
 
     def _place(self) -> None:
-        live = [self._candidate(r) for r in self.scouts.values() if not r.dead]
+        live = [self._candidate(r) for r in self.scouts.values() if not r.dead and r.announcement.role == "span"]
         new = plan(self.offer.n_layers, live, self.assignments, self.span_limit)
         for peer, span in new.items():
             if self.assignments.get(peer) != span:
@@ -122,7 +134,7 @@ class OracleControl:
         self._seq += 1
         o = self.offer
         return OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
-                                  n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes,
+                                  n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes, vocab_digest=o.vocab_digest,
                                   multiaddrs=self.node.addrs, assignments=self.assignments)
 
     async def _run(self) -> None:
@@ -148,9 +160,11 @@ class OracleControl:
             except asyncio.TimeoutError:
                 pass
 
-    def serving(self) -> list[tuple[ScoutAddress, Span]]:
-        """Scouts that serve the span assigned to them: the ones to open data-plane connections to."""
-        out = []
+    def serving(self) -> list[tuple[ScoutAddress, Span | None]]:
+        """Scouts that serve the span assigned to them, and draft Scouts with this model's
+        vocabulary: the ones to open data-plane connections to."""
+        out = [(r.address, None) for r in self.scouts.values()
+               if r.announcement.role == "draft" and r.announcement.state == "serving" and not r.dead and not r.refused]
         for peer, span in self.assignments.items():
             record = self.scouts.get(peer)
             a = record.announcement if record else None
@@ -166,6 +180,7 @@ class OracleControl:
         for peer, r in self.scouts.items():
             a = r.announcement
             out[peer] = {
+                "role": a.role, "refused": r.refused,
                 "announced_state": "dead" if r.dead else a.state, "assigned_span": list(self.assignments[peer]) if peer in self.assignments else None,
                 "announced_span": list(a.span) if a.span else None, "heartbeat_age_s": round(now - r.last_seen, 2),
                 "throughput": a.capabilities.throughput, "memory_bytes": a.capabilities.memory_bytes,

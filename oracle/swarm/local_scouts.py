@@ -55,12 +55,15 @@ class LocalScout:
         self._log.close()
 
 
-def start_local_scouts(count: int, data_dir: Path, extra: list[str]) -> list[LocalScout]:
-    """``count`` Scouts started together (they load in parallel), each in its own data dir."""
+def start_local_scouts(count: int, data_dir: Path, extra: list[str], drafts: int = 0) -> list[LocalScout]:
+    """``count`` span Scouts and ``drafts`` draft Scouts started together (they load in parallel),
+    each in its own data dir."""
     started: list[LocalScout] = []
     try:
         for i in range(count):
             started.append(LocalScout(None, data_dir / f"scout-{i}", extra, wait=False))
+        for i in range(drafts):
+            started.append(LocalScout(None, data_dir / f"draft-{i}", [*extra, "--role", "draft"], wait=False))
         for i, s in enumerate(started):
             s.wait()
             log.warning("local Scout %d is %s", i, s.address.peer_id)

@@ -16,7 +16,7 @@ from oracle.engine.pipeline import LocalPipeline
 from shard_common.dataplane import connect
 from shard_common.identity import Identity
 from shard_common.model.span import Span, SpanRequest
-from shard_common.protocol import Close, Error, Fork, Forward, Kind, Ping, Rollback, SessionSlice, Welcome
+from shard_common.protocol import Close, Draft, Drafted, Error, Fork, Forward, Kind, Ping, Rollback, SessionSlice, Welcome
 from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
 from .routing import NoRoute, shortest_path
@@ -96,7 +96,11 @@ class ScoutConnection:
         if self._writer is not None:
             self._writer.close()
 
-    async def _request(self, kind: Kind, message, body: bytes = b""):
+    @property
+    def role(self) -> str:
+        return self.welcome.role
+
+    async def _request(self, kind: Kind, message, body: bytes = b"", timeout: float | None = None):
         if self.dead:
             raise ScoutUnreachable(f"Scout {self.address.peer_id} is gone")
         async with self._lock:
@@ -104,7 +108,7 @@ class ScoutConnection:
             started = time.perf_counter()
             try:
                 await write_frame(self._writer, kind, message, body)
-                reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), self.timeout)
+                reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), timeout or self.timeout)
                 self.requests += 1
                 self.last_ms = (time.perf_counter() - started) * 1000
                 self.last_used = time.monotonic()
@@ -143,6 +147,12 @@ class ScoutConnection:
 
     async def ping(self) -> None:
         await self._request(Kind.PING, Ping())
+
+    async def draft(self, request: Draft, timeout: float) -> Drafted:
+        """k proposals from a draft Scout; past ``timeout`` the connection is given up (a frame
+        stream cannot be resynchronised) and the Swarm reconnects in the background."""
+        reply, _ = await self._request(Kind.DRAFT, request, timeout=timeout)
+        return reply
 
 
 def trim_chunks(chunks: list[int], length: int) -> list[int]:

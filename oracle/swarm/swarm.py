@@ -19,6 +19,7 @@ from shard_common.identity import Identity
 from shard_common.model.span import SpanRequest
 
 from .control import OracleControl
+from .draft import ScoutDrafter
 from .remote import LocalFactory, RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,14 @@ class Swarm:
     PING_IDLE_SECONDS = 2.0
 
     def __init__(self, identity: Identity, n_layers: int, addresses: list[ScoutAddress] | None = None,
-                 control: OracleControl | None = None, wire_dtype: str = "float32", fill: LocalFactory | None = None):
+                 control: OracleControl | None = None, wire_dtype: str = "float32", fill: LocalFactory | None = None,
+                 vocab_size: int = 0, vocab_digest: str | None = None, draft_deadline_seconds: float = 2.0):
         self.identity = identity
         self.n_layers = n_layers
+        self.vocab_size = vocab_size
+        self.vocab_digest = vocab_digest
+        self.draft_deadline_seconds = draft_deadline_seconds
+        self.drafter: ScoutDrafter | None = None
         self.addresses = list(addresses or [])
         self.control = control
         self.wire_dtype = wire_dtype
@@ -46,10 +52,15 @@ class Swarm:
             await self.control.start()
         loop = asyncio.get_running_loop()
         self.pipeline = RemotePipeline(self._live, self.n_layers, loop, self.wire_dtype, self.fill)
+        self.drafter = ScoutDrafter(self.draft_scouts, loop, self.vocab_size, self.draft_deadline_seconds)
         self._task = loop.create_task(self._maintain())
 
     def _live(self) -> list[ScoutConnection]:
-        return [c for c in self.connections if not c.dead]
+        """Scouts serving spans: the pipeline's hops."""
+        return [c for c in self.connections if not c.dead and c.role == "span"]
+
+    def draft_scouts(self) -> list[ScoutConnection]:
+        return [c for c in self.connections if not c.dead and c.role == "draft"]
 
     def _wanted(self) -> dict[ScoutAddress, tuple[int, int] | None]:
         """Scouts to hold a connection to, with the span they must serve (None: whatever they say)."""
@@ -71,13 +82,13 @@ class Swarm:
 
     async def _maintain_once(self, failures: dict[ScoutAddress, str]) -> None:
         wanted = self._wanted()
-        for c in self._live():
+        for c in [c for c in self.connections if not c.dead]:
             span = wanted.get(c.address, "gone")
             if span == "gone" or (span is not None and span != c.span):
                 log.warning("dropping Scout %s: %s", c.address.peer_id, "it no longer serves" if span == "gone" else f"moved to {span}")
                 c.dead = True
                 await c.close()
-        live = {c.address for c in self._live()}
+        live = {c.address for c in self.connections if not c.dead}
         for address, span in wanted.items():
             if address in live:
                 continue
@@ -92,14 +103,20 @@ class Swarm:
             if span is not None and conn.span != tuple(span):
                 await conn.close()  # it is still switching spans; its next announcement will say
                 continue
+            if conn.role == "draft" and conn.welcome.vocab_digest != self.vocab_digest:
+                log.warning("refusing draft Scout %s: its vocabulary differs from the model's", address.peer_id)
+                await conn.close()
+                continue
             self.connections = [c for c in self.connections if c.address != address] + [conn]
-            log.warning("connected to Scout %s serving blocks [%d, %d)", address.peer_id, *conn.span)
+            what = "drafting" if conn.role == "draft" else "serving blocks [%d, %d)" % conn.span
+            log.warning("connected to Scout %s %s", address.peer_id, what)
         load = self.pipeline.load()
         if self.control is not None:
             self.control.busy = {c.address.peer_id for c in load}
         now = time.monotonic()
-        for c in self._live():
-            if c not in load and now - c.last_used > self.PING_IDLE_SECONDS:
+        reserved = set(self.drafter.reserved.values()) if self.drafter else set()
+        for c in [c for c in self.connections if not c.dead]:
+            if c not in load and c not in reserved and now - c.last_used > self.PING_IDLE_SECONDS:
                 try:
                     await c.ping()
                 except ScoutError:
@@ -136,8 +153,8 @@ class Swarm:
             if c.dead and c.address.peer_id in seen:
                 continue
             seen.add(c.address.peer_id)
-            state = "dead" if c.dead else "active" if c in load or c in preferred else "spare"
-            scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}",
+            state = "dead" if c.dead else "active" if c in load or c in preferred or c.role == "draft" else "spare"
+            scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}", "role": c.role,
                            "span": list(c.span), "state": state, "sessions": load.get(c, 0), "requests": c.requests,
                            "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,
                            "forwards": c.forwards,
@@ -145,7 +162,7 @@ class Swarm:
                            "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **registry.get(c.address.peer_id, {})})
         for peer, info in registry.items():
             if peer not in seen:  # announced but not (yet) serving: idle, loading, or dead
-                state = "dead" if info["announced_state"] == "dead" else "joining"
+                state = "dead" if info["announced_state"] == "dead" else "refused" if info["refused"] else "joining"
                 span = info["announced_span"] or info["assigned_span"]
                 scouts.append({"peer_id": peer, "address": None, "span": span, "state": state, "sessions": 0,
                                "requests": 0, **info})

@@ -35,6 +35,14 @@ class TokenizerSpec:
     add_bos: bool = False
     chat_template: str | None = None
 
+    def vocab_digest(self) -> str:
+        """What two models must share for one to draft for the other: the same token ids."""
+        import hashlib
+
+        if self.tokens:
+            return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
+        return hashlib.sha256(self.tokenizer_json.encode()).hexdigest()[:16]
+
 
 @dataclass
 class ModelWeights:

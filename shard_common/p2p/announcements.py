@@ -36,6 +36,8 @@ class Capabilities(BaseModel):
 
 class ScoutAnnouncement(Announcement):
     kind: Literal["scout"] = "scout"
+    role: Literal["span", "draft"] = "span"
+    vocab_digest: str | None = None  # a draft Scout's vocabulary, which must be the Oracle's
     data_host: str
     data_port: int
     model: str | None = None  # the shard set it serves (manifest digest), None until it loads one
@@ -54,6 +56,7 @@ class OracleAnnouncement(Announcement):
     n_layers: int
     shards_url: str | None = None  # where the shard files are served over HTTP
     block_bytes: int = 0
+    vocab_digest: str | None = None
     multiaddrs: list[str] = Field(default_factory=list)
     assignments: dict[str, tuple[int, int]] = Field(default_factory=dict)  # Scout peer id → span
 

@@ -135,3 +135,21 @@ def test_langchain_invoke_and_stream(server, model_id):
     assert "Paris" in answer.content
     streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
     assert streamed == answer.content
+
+
+def test_speculative_decoding_per_request(client, server, model_id, admin_headers):
+    """The server speculates by default (prompt lookup); a request can turn it off through the
+    openai client's extra_body. On a copying prompt it drafts and accepts tokens, and the
+    cluster status counts them."""
+    import requests
+
+    copy = [{"role": "user", "content": "Repeat exactly: the red fox and the blue bird sat on the old stone wall."}]
+    before = requests.get(server + "/v1/cluster/status", headers=admin_headers, timeout=10).json()["speculative"]
+    spec = client.chat.completions.create(model=model_id, messages=copy, temperature=0, max_tokens=30)
+    after = requests.get(server + "/v1/cluster/status", headers=admin_headers, timeout=10).json()["speculative"]
+    plain = client.chat.completions.create(model=model_id, messages=copy, temperature=0, max_tokens=30,
+                                           extra_body={"speculative": "off"})
+    assert after["mode"] == "auto" and "ngram" in after["drafters"]
+    assert after["passes"] > before["passes"] and after["accepted"] > before["accepted"]
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    assert spec.usage.completion_tokens == plain.usage.completion_tokens

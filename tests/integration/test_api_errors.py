@@ -47,6 +47,7 @@ def test_wrong_types_and_ranges(server, model_id):
     assert_error(post(server, "/v1/chat/completions", chat(model_id, stop=["a", "b", "c", "d", "e"])), 400, param="stop")
     assert_error(post(server, "/v1/chat/completions", chat(model_id, logit_bias={"99999999": 1})), 400, param="logit_bias")
     assert_error(post(server, "/v1/chat/completions", chat(model_id, max_tokens=0)), 400, param="max_tokens")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, speculative="maybe")), 400, param="speculative")
     assert_error(post(server, "/v1/chat/completions", chat(model_id, n=10000)), 400, param="n")
     assert_error(post(server, "/v1/chat/completions", {"model": model_id}), 400, "missing_required_parameter", "messages")
     assert_error(post(server, "/v1/chat/completions", {"model": model_id, "messages": []}), 400, param="messages")

@@ -100,11 +100,15 @@ class GreedySelfDrafter:
     accepted often but far from always, so both branches of rejection sampling run."""
 
     name = "test"
+    available = True
 
     def __init__(self, ends, span):
         self.ends, self.span = ends, span
 
-    def propose(self, tokens, k):
+    def release(self, session):
+        pass
+
+    def propose(self, session, tokens, k, params):
         session, draft = "~draft", []
         out = self.span.forward(self.ends.embed(tokens), [SpanRequest(session, 0, len(tokens))])
         for i in range(k):

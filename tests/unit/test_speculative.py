@@ -51,9 +51,9 @@ def test_greedy_verification_accepts_exactly_the_argmax():
 def test_ngram_drafter_proposes_what_followed_the_latest_match():
     d = NgramDrafter(max_ngram=3)
     tokens = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7, 3, 4, 5, 6, 7]
-    assert d.propose(tokens, 3).tokens == [3, 4, 5]  # the latest earlier "5 6 7" was followed by 3 4 5
-    assert d.propose([1, 2, 3], 4) is None
-    assert d.propose([1, 2, 1], 4).tokens == [2, 1]  # unigram match, as much as there is
+    assert d.lookup(tokens, 3).tokens == [3, 4, 5]  # the latest earlier "5 6 7" was followed by 3 4 5
+    assert d.lookup([1, 2, 3], 4) is None
+    assert d.lookup([1, 2, 1], 4).tokens == [2, 1]  # unigram match, as much as there is
 
 
 def test_draft_length_adapts_and_pauses_when_drafts_fail():

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
@@ -44,13 +45,16 @@ from .state import OracleState
 log = logging.getLogger("oracle")
 
 
-async def run_site(app: web.Application, host: str, port: int, stop: asyncio.Event, ready: threading.Event) -> None:
+async def run_site(app: web.Application, host: str, port: int, stop: asyncio.Event, ready: threading.Event,
+                   after_start: Callable[[], Awaitable[None]] | None = None) -> None:
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=15)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
         log.warning("listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)", host, port, host, port)
         ready.set()
+        if after_start is not None:
+            await after_start()
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -139,10 +143,8 @@ def serve(args: argparse.Namespace) -> int:
     app.on_startup.append(connect_storage)
     app.on_cleanup.append(close_storage)
 
-    async def main(stop: asyncio.Event, ready: threading.Event) -> None:
-        if swarm is not None:
-            await swarm.connect()
-            local.engine.drafters["scout"] = swarm.drafter
+    async def start_scouts() -> None:
+        """Local Scouts start once the HTTP port is bound (a Scout could take it otherwise)."""
         if args.local_scouts or args.local_draft_scouts:
             # Hops run one after another, so the Scouts share this machine's cores between them:
             # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
@@ -152,8 +154,13 @@ def serve(args: argparse.Namespace) -> int:
             local_scouts.extend(await asyncio.to_thread(
                 start_local_scouts, args.local_scouts, Path(args.data_dir) / "local-scouts", extra,
                 args.local_draft_scouts))
+
+    async def main(stop: asyncio.Event, ready: threading.Event) -> None:
+        if swarm is not None:
+            await swarm.connect()
+            local.engine.drafters["scout"] = swarm.drafter
         try:
-            await run_site(app, args.host, args.port, stop, ready)
+            await run_site(app, args.host, args.port, stop, ready, start_scouts)
         finally:
             if swarm is not None:
                 await swarm.close()

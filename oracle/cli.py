@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                help="start this many draft Scouts on this machine (the whole model, proposing tokens for --speculative scout/auto)")
     add_option(serve, "--draft-deadline", default=2.0, type=float,
                help="seconds to wait for a draft Scout's proposal before using prompt lookup for that step")
+    add_option(serve, "--swarm-secret", default=None, help="private swarm: Scouts must prove they know this secret to join")
+    add_option(serve, "--allow-peers", default="", help="private swarm: comma-separated Scout peer ids allowed to join (empty: any)")
+    add_option(serve, "--ticket-rate", default=0.03, type=float,
+               help="fraction of a Scout's forwards followed by a golden ticket (0: no auditing)")
+    add_option(serve, "--ticket-probation", default=3, type=int, help="a new Scout's first forwards each get a ticket")
+    add_option(serve, "--ticket-idle-seconds", default=60.0, type=float, help="an idle Scout gets a ticket this often")
+    add_option(serve, "--ticket-tolerance", default=0.05, type=float,
+               help="largest relative L2 error of a Scout's output that passes (honest noise: 1e-6 to 4e-3; docs/trust.md)")
+    add_option(serve, "--trust-window", default=20, type=int, help="tickets of a Scout's recent history that count")
+    add_option(serve, "--quarantine-failures", default=1, type=int, help="failed tickets in the window that quarantine")
+    add_option(serve, "--ban-failures", default=3, type=int, help="failed tickets in the window that ban")
+    add_option(serve, "--ban-seconds", default=3600.0, type=float, help="how long a ban lasts")
     add_option(serve, "--local-scout-replicas", default=1, type=int,
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--session-idle-seconds", default=600.0, type=float, help="free a session's KV cache after this long unused")
     add_option(p, "--simulate-latency-ms", default=0.0, type=float,
                help="for benchmarks only: delay every data-plane reply, as over a slow link (one round trip per hop)")
+    add_option(p, "--swarm-secret", default=None, help="private swarm: the shared secret the Oracle requires (prove it, and "
+                                                        "follow only Oracles that prove it)")
+    add_option(p, "--inject-faults", default="", help="TESTING ONLY: misbehave on purpose to test a swarm's defences, e.g. "
+               "corrupt=0.2 | noise=0.1 | skip=1 | delay_ms=200 | draft=random (see scout/faults.py)")
     add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     return p
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .control import ScoutControl
     from .draft_model import DraftModel
+    from .faults import FaultInjector
     from .server import SpanServer
 
     quiet_libp2p_logs(logging.getLogger().level)
@@ -161,15 +166,23 @@ def main(argv: list[str] | None = None) -> int:
         del weights
     executor = MainThreadExecutor()
     allowed = {p.strip() for p in args.allow_oracles.split(",") if p.strip()} or None
+    try:
+        faults = FaultInjector(args.inject_faults)
+    except ValueError as e:
+        print(f"shard-scout: --inject-faults: {e}", file=sys.stderr)
+        return 2
+    if faults:
+        log.warning("INJECTING FAULTS (%s): this Scout misbehaves on purpose", args.inject_faults)
     server = SpanServer(span, identity, model_name, executor, data_dir / "tls", allowed, args.session_idle_seconds,
-                        args.simulate_latency_ms)
+                        args.simulate_latency_ms, faults)
     if draft is not None:
         server.set_draft_model(draft)
     control = None
     if bootstrap or args.mdns:
         control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
                                load_assigned, args.announce_host or args.host, capabilities, model_id, allowed,
-                               heartbeat_seconds=args.heartbeat, load_draft=load_draft_model if args.role == "draft" else None)
+                               heartbeat_seconds=args.heartbeat, load_draft=load_draft_model if args.role == "draft" else None,
+                               swarm_secret=args.swarm_secret)
 
     async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
         await server.start(args.host, args.data_port)

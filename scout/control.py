@@ -12,7 +12,7 @@ from shard_common.identity import Identity
 from shard_common.model.span import Span
 from shard_common.p2p.announcements import (
     ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, Capabilities, OracleAnnouncement, ScoutAnnouncement,
-    decode, encode,
+    decode, encode, proof_problem, prove,
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
@@ -28,13 +28,15 @@ class ScoutControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
                  allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0,
-                 load_draft: Callable[[OracleAnnouncement], object] | None = None):
+                 load_draft: Callable[[OracleAnnouncement], object] | None = None, swarm_secret: str | None = None):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.server = server
         self.executor = executor
         self.load_span = load_span
         self.load_draft = load_draft  # set for a draft Scout (--role draft): loads its whole model
+        self.swarm_secret = swarm_secret  # private swarm: prove it, and follow only Oracles that prove it
+        self._ignored: set[str] = set()
         self.data_host = data_host
         self.capabilities = capabilities
         self.model = model  # shard set id of the span being served (None: none yet)
@@ -69,11 +71,11 @@ class ScoutControl:
         load = (self.server.requests - self._requests_seen) / self.heartbeat_seconds
         self._requests_seen = self.server.requests
         draft = self.server.draft
-        return ScoutAnnouncement(
+        return prove(self.swarm_secret, ScoutAnnouncement(
             peer_id=self.identity.peer_id, seq=self._seq, data_host=self.data_host, data_port=self.server.port,
             role="draft" if self.load_draft else "span", vocab_digest=draft.vocab_digest if draft else None,
             model=self.model, span=self.span, state=self.state, capabilities=self.capabilities,
-            sessions=len(span.kv.sessions) if span else 0, load=load, free_kv_bytes=span.kv.free_bytes if span else 0)
+            sessions=len(span.kv.sessions) if span else 0, load=load, free_kv_bytes=span.kv.free_bytes if span else 0))
 
     async def announce(self) -> None:
         await self.node.publish(SCOUT_TOPIC, encode(self.announcement()))
@@ -124,6 +126,11 @@ class ScoutControl:
             log.warning("ignored announcement: %s", e)
             return
         if self.allowed_oracles is not None and sender not in self.allowed_oracles:
+            return
+        if problem := proof_problem(self.swarm_secret, a):
+            if sender not in self._ignored:
+                log.warning("ignoring Oracle %s: %s", sender, problem)
+                self._ignored.add(sender)
             return
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)

@@ -18,6 +18,7 @@ from shard_common.identity import Identity
 from shard_common.model.kv_cache import KVBudgetExceeded, UnknownSession
 from shard_common.model.span import SessionOutOfStep, Span, SpanRequest
 from shard_common.protocol import Error, Forward, Kind, Result, Welcome
+from .faults import FaultInjector
 from shard_common.wire import DTYPES, FrameError, read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class SpanServer:
     assigned; connections before that are refused with an ERROR frame (the Oracle retries)."""
 
     def __init__(self, span: Span | None, identity: Identity, model_name: str, executor: Executor, tls_dir: Path,
-                 allowed_peers: set[str] | None = None, session_idle_seconds: float = 600.0, simulate_latency_ms: float = 0.0):
+                 allowed_peers: set[str] | None = None, session_idle_seconds: float = 600.0, simulate_latency_ms: float = 0.0,
+                 faults: FaultInjector | None = None):
         self.span = span
         self.identity = identity
         self.model_name = model_name
@@ -45,6 +47,7 @@ class SpanServer:
         # Benchmarks only: every reply waits this long, as if the link to the Oracle were slow
         # (this machine's kernel has no netem to delay packets for real).
         self.simulate_latency_s = simulate_latency_ms / 1000
+        self.faults = faults or FaultInjector()  # --inject-faults: testing a swarm's defences only
         self._expiry: asyncio.Task | None = None
 
     def set_draft_model(self, draft) -> None:
@@ -111,8 +114,8 @@ class SpanServer:
                 if self.span is not span:
                     break  # the Scout moved to another span: this connection's sessions are gone
                 reply_kind, reply, reply_body = await self._dispatch(span, kind, message, body, sessions)
-                if self.simulate_latency_s:
-                    await asyncio.sleep(self.simulate_latency_s)
+                if self.simulate_latency_s or self.faults.delay_s:
+                    await asyncio.sleep(self.simulate_latency_s + self.faults.delay_s)
                 await write_frame(writer, reply_kind, reply, reply_body)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
@@ -137,11 +140,12 @@ class SpanServer:
         self.requests += 1
         try:
             if kind == Kind.FORWARD:
-                return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions)
+                return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions, self.faults)
             if kind == Kind.DRAFT:
                 if self.draft is None:
                     return Kind.ERROR, Error(id=message.id, code="not_a_drafter", message="this Scout serves a span, not drafts"), b""
                 drafted = await loop.run_in_executor(self.executor, self.draft.draft, message)
+                drafted.tokens = self.faults.draft(drafted.tokens, self.draft.span.config.vocab_size)
                 sessions.add(message.session)
                 drafted.id = message.id
                 return Kind.DRAFTED, drafted, b""
@@ -160,14 +164,14 @@ class SpanServer:
             return Kind.ERROR, Error(id=message.id, code=type(e).__name__, message=str(e)), b""
 
     @staticmethod
-    def _forward(span: Span, message: Forward, body: bytes, sessions: set[str]):
+    def _forward(span: Span, message: Forward, body: bytes, sessions: set[str], faults: FaultInjector):
         t0 = time.perf_counter()
         total = sum(s.n_tokens for s in message.sessions)
         if message.shape != (total, span.config.d_model):
             raise ValueError(f"hidden states of shape {message.shape} for {total} tokens of width {span.config.d_model}")
         hidden = tensor_from_bytes(body, message.dtype, message.shape)
         requests = [SpanRequest(s.session, s.start, s.n_tokens) for s in message.sessions]
-        out = span.forward(hidden, requests)
+        out = faults.forward(hidden, span.forward(hidden, requests))
         sessions.update(r.session for r in requests)
         result = Result(id=message.id, dtype=message.dtype, shape=tuple(out.shape), compute_ms=(time.perf_counter() - t0) * 1000)
         return Kind.RESULT, result, tensor_to_bytes(out, message.dtype)

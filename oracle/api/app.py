@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 from pydantic.json_schema import models_json_schema
 
-from . import routes, schemas
+from . import routes, schemas, scouts
 from .auth import ANONYMOUS, presented_key
 from .errors import APIError
 from .state import OracleState
@@ -57,6 +57,17 @@ ROUTES += [
 ]
 ROUTES.append(Route("GET", "/cluster/status", routes.cluster_status, "Swarm coverage, Scouts and load (admin)",
                     response=schemas.ClusterStatus))
+ROUTES += [
+    Route("GET", "/scouts", scouts.list_reputation, "Every Scout's golden-ticket reputation (admin)",
+          response=schemas.ScoutReputationList),
+    Route("GET", "/scouts/bans", scouts.list_bans, "Banned Scouts (admin)", response=schemas.ScoutReputationList),
+    Route("GET", "/scouts/{peer_id}", scouts.get_scout, "One Scout's reputation and the evidence of its failures (admin)",
+          response=schemas.ScoutReputationDetail),
+    Route("POST", "/scouts/{peer_id}/unban", scouts.unban, "Trust a Scout again: active, clean window (admin)",
+          response=schemas.ScoutReputation),
+    Route("POST", "/scouts/{peer_id}/reset", scouts.reset, "Forget a Scout's reputation (admin)",
+          response=schemas.ScoutReputationDeleted),
+]
 UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 SHARDS_PREFIX = "/shards/"  # the model's shard files, public like the model itself

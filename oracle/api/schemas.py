@@ -341,7 +341,8 @@ class ScoutStatus(Schema):
     peer_id: str
     address: str | None  # data plane HOST:PORT (None until the Oracle has connected)
     span: tuple[int, int] | None
-    state: Literal["active", "spare", "joining", "refused", "dead"]
+    state: Literal["active", "spare", "joining", "quarantined", "refused", "dead"]
+    reputation: str | None = None  # active / quarantined / banned, from golden tickets
     role: Literal["span", "draft"] = "span"  # draft: proposes tokens for speculative decoding
     refused: str | None = None  # why the Oracle will not use it
     sessions: int = 0  # sessions the Oracle routes through it
@@ -364,6 +365,33 @@ class ScoutStatus(Schema):
     sessions_on_scout: int | None = None
     free_kv_bytes: int | None = None
     p2p_connected: bool | None = None
+
+
+class ScoutReputation(Schema):
+    object: Literal["scout.reputation"] = "scout.reputation"
+    peer_id: str
+    state: Literal["active", "quarantined", "banned"]
+    passed: int  # golden tickets, ever
+    failed: int
+    recent: str  # the last tickets, oldest first: 1 passed, 0 failed
+    score: float | None  # passed share of the recent tickets
+    ban_until: float | None  # unix time, while banned
+    updated: float
+
+
+class ScoutReputationList(Schema):
+    object: Literal["list"] = "list"
+    data: list[ScoutReputation]
+
+
+class ScoutReputationDeleted(Schema):
+    peer_id: str
+    object: Literal["scout.reputation.deleted"] = "scout.reputation.deleted"
+    deleted: bool
+
+
+class ScoutReputationDetail(ScoutReputation):
+    evidence: list[dict]  # failed tickets, newest first: input hash, expected vs received summary
 
 
 class SpeculationStatus(Schema):
@@ -389,6 +417,7 @@ class ClusterStatus(Schema):
     local_spans: list[tuple[int, int]]  # spans the Oracle computes itself (--fallback-local)
     scouts: list[ScoutStatus]
     failovers: int
+    tickets: dict | None = None  # golden tickets: passed, failed, rate, tolerance, honest error p50/max
     sessions: int
     running_sequences: int
     waiting_requests: int

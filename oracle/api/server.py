@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from concurrent.futures import Executor
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -27,10 +28,15 @@ from oracle.swarm.control import ModelOffer, OracleControl
 from oracle.swarm.local_scouts import LocalScout, start_local_scouts
 from oracle.swarm.remote import LocalHop, ScoutAddress
 from oracle.swarm.swarm import Swarm
+from oracle.swarm.reference import ReferenceModel
+from oracle.swarm.tickets import Auditor, TicketPolicy
+from oracle.store.redis_server import async_client
+from oracle.store.reputation import ReputationStore, TrustPolicy
 from shard_common.identity import Identity
 from shard_common.main_thread import MainThreadExecutor, run_servers
 from shard_common.model import shards
 from shard_common.model.loader import resolve_model_path
+from shard_common.model.ends import ModelEnds
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span
 from shard_common.model.weights import ModelWeights
@@ -68,7 +74,7 @@ def directory_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path) -> Swarm | None:
+def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path, executor: Executor) -> Swarm | None:
     """The Swarm pipeline when blocks run on Scouts (--swarm, --local-scouts or --scouts)."""
     scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
     if not (scouts or args.swarm or args.local_scouts or args.local_draft_scouts):
@@ -85,27 +91,44 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path)
         offer = ModelOffer(shards.set_id(manifest), weights.name, n_layers, block_bytes, public_url + "/shards",
                            weights.tokenizer.vocab_digest())
         bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
+        allow = {p.strip() for p in args.allow_peers.split(",") if p.strip()} or None
         control = OracleControl(identity, P2PConfig(args.p2p_host or args.host, args.p2p_port, bootstrap, args.mdns), offer,
-                                span_limit, dead_after_seconds=args.dead_after)
+                                span_limit, dead_after_seconds=args.dead_after, swarm_secret=args.swarm_secret, allow_peers=allow)
     fill = None
     if args.fallback_local:
         runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
 
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
-    return Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill, Tokenizer(weights.tokenizer).vocab_size,
-                 weights.tokenizer.vocab_digest(), args.draft_deadline)
+    tokenizer = Tokenizer(weights.tokenizer)
+    swarm = Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
+                  weights.tokenizer.vocab_digest(), args.draft_deadline)
+    if args.ticket_rate > 0:
+        policy = TicketPolicy(rate=args.ticket_rate, probation=args.ticket_probation, idle_seconds=args.ticket_idle_seconds,
+                              tolerance=args.ticket_tolerance)
+        ends = ModelEnds(weights, Runtime.pick(args.backend))
+        prompts = [ends.embed(tokenizer.encode_chat([{"role": "user", "content": q}])) for q in TICKET_PROMPTS]
+        reference = ReferenceModel(weights, Runtime.pick(args.backend))
+        swarm.audit = lambda scouts, on_state: Auditor(reference, executor, swarm.reputation, args.wire_dtype, scouts,
+                                                       on_state, policy, prompts)
+    return swarm
+
+
+# Until real prompts have passed through, golden tickets are made of these.
+TICKET_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+                  "Explain how a bicycle stays upright.", "List three uses of copper."]
 
 
 def serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     quiet_libp2p_logs(logging.getLogger().level)
+    executor = MainThreadExecutor()
     made: dict[str, object] = {}
 
     def pipeline_for(weights: ModelWeights) -> Swarm | None:
         made["manifest"] = shards.convert(weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
                                           Path(args.data_dir) / "shards")
-        made["swarm"] = build_swarm(args, weights, made["manifest"])
+        made["swarm"] = build_swarm(args, weights, made["manifest"], executor)
         return made["swarm"]
 
     local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, pipeline_for, args.speculative)
@@ -114,7 +137,6 @@ def serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.stem
     aliases = [a.strip() for a in args.model_aliases.split(",") if a.strip()]
     fingerprint = "fp_" + hashlib.sha256(f"{name}:{args.backend}".encode()).hexdigest()[:10]
-    executor = MainThreadExecutor()
     state = OracleState(
         tokenizer=local.tokenizer,
         scheduler=Scheduler(local.engine, max_running=args.max_running, max_queued=args.max_queued, executor=executor),
@@ -151,12 +173,17 @@ def serve(args: argparse.Namespace) -> int:
             threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
             extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest),
                      "--bootstrap", swarm.control.node.addrs[0]]
+            if args.swarm_secret:  # handed down in the environment, not on a command line others can read
+                os.environ["SHARD_SWARM_SECRET"] = args.swarm_secret
             local_scouts.extend(await asyncio.to_thread(
                 start_local_scouts, args.local_scouts, Path(args.data_dir) / "local-scouts", extra,
                 args.local_draft_scouts))
 
     async def main(stop: asyncio.Event, ready: threading.Event) -> None:
         if swarm is not None:
+            swarm.reputation = ReputationStore(async_client(redis_url), args.redis_prefix, TrustPolicy(
+                window=args.trust_window, quarantine_failures=args.quarantine_failures, ban_failures=args.ban_failures,
+                ban_seconds=args.ban_seconds))
             await swarm.connect()
             local.engine.drafters["scout"] = swarm.drafter
         try:

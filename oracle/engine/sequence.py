@@ -14,6 +14,11 @@ from .speculative import SpeculationState
 _ids = itertools.count()
 
 
+def new_session_id() -> str:
+    """Session ids as every Scout sees them (golden tickets take theirs from here too)."""
+    return f"seq-{next(_ids)}"
+
+
 @dataclass
 class TokenEvent:
     """What one step produced for one sequence."""
@@ -29,7 +34,7 @@ class Sequence:
     params: SamplingParams
     tokenizer: Tokenizer
     context_length: int
-    session: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    session: str = field(default_factory=new_session_id)
     # Another sequence whose cache, once its prompt is in, this one copies instead of prefilling.
     share_prefill_with: "Sequence | None" = None
 

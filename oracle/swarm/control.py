@@ -7,10 +7,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from shard_common.identity import Identity
 from shard_common.p2p.announcements import (
     ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, OracleAnnouncement, ScoutAnnouncement, decode, encode,
+    proof_problem, prove,
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
@@ -48,7 +50,8 @@ class ModelOffer:
 
 class OracleControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, offer: ModelOffer, span_limit: int = 0,
-                 heartbeat_seconds: float = 1.0, dead_after_seconds: float = 3.0, reprovide_seconds: float = 30.0):
+                 heartbeat_seconds: float = 1.0, dead_after_seconds: float = 3.0, reprovide_seconds: float = 30.0,
+                 swarm_secret: str | None = None, allow_peers: set[str] | None = None):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.offer = offer
@@ -56,9 +59,12 @@ class OracleControl:
         self.heartbeat_seconds = heartbeat_seconds
         self.dead_after_seconds = dead_after_seconds
         self.reprovide_seconds = reprovide_seconds
+        self.swarm_secret = swarm_secret  # private swarm: Scouts must prove they know it
+        self.allow_peers = allow_peers  # private swarm: only these Scouts
         self.scouts: dict[str, ScoutRecord] = {}
         self.assignments: dict[str, Span] = {}
         self.busy: set[str] = set()  # peers carrying sessions, told by the swarm: moved last
+        self.refuse_peer: Callable[[str], str | None] = lambda peer: None  # a ban, say: why to ignore a peer
         self._seq = 0
         self._joined = False  # a peer joined since the DHT record was last stored
         self._task: asyncio.Task | None = None
@@ -100,6 +106,12 @@ class OracleControl:
 
     def _refusal(self, a: ScoutAnnouncement) -> str | None:
         """Why this Scout cannot serve this Oracle (None: it can)."""
+        if reason := self.refuse_peer(a.peer_id):
+            return reason
+        if self.allow_peers is not None and a.peer_id not in self.allow_peers:
+            return "it is not in --allow-peers"
+        if reason := proof_problem(self.swarm_secret, a):
+            return reason
         if a.role == "draft" and a.state == "serving" and a.vocab_digest != self.offer.vocab_digest:
             return (f"its draft model's vocabulary ({a.vocab_digest}) is not this model's ({self.offer.vocab_digest}); "
                     "a drafter must share the target's tokenizer")
@@ -122,7 +134,7 @@ class OracleControl:
                          a.peer_id in self.busy)
 
     def _place(self) -> None:
-        live = [self._candidate(r) for r in self.scouts.values() if not r.dead and r.announcement.role == "span"]
+        live = [self._candidate(r) for r in self.scouts.values() if not r.dead and not r.refused and r.announcement.role == "span"]
         new = plan(self.offer.n_layers, live, self.assignments, self.span_limit)
         for peer, span in new.items():
             if self.assignments.get(peer) != span:
@@ -133,9 +145,9 @@ class OracleControl:
     def announcement(self) -> OracleAnnouncement:
         self._seq += 1
         o = self.offer
-        return OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
+        return prove(self.swarm_secret, OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
                                   n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes, vocab_digest=o.vocab_digest,
-                                  multiaddrs=self.node.addrs, assignments=self.assignments)
+                                  multiaddrs=self.node.addrs, assignments=self.assignments))
 
     async def _run(self) -> None:
         last_provide = -self.reprovide_seconds
@@ -168,7 +180,7 @@ class OracleControl:
         for peer, span in self.assignments.items():
             record = self.scouts.get(peer)
             a = record.announcement if record else None
-            if a and not record.dead and a.state == "serving" and a.span == span and a.model == self.offer.model:
+            if a and not record.dead and not record.refused and a.state == "serving" and a.span == span and a.model == self.offer.model:
                 out.append((record.address, span))
         return out
 

@@ -78,6 +78,8 @@ class ScoutConnection:
         self.wire_bytes = 0
         self.ewma_ms: float | None = None  # forward round trip, smoothed: the routing weight
         self.last_used = 0.0
+        self.quarantined = False  # failed golden tickets: no traffic, only more tickets
+        self.probation = 0  # forwards still to be mirrored (checked by the Oracle before use)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -155,6 +157,10 @@ class ScoutConnection:
         return reply
 
 
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
+
+
 def trim_chunks(chunks: list[int], length: int) -> list[int]:
     """The feeding pattern of a session's first ``length`` positions."""
     out, total = [], 0
@@ -171,6 +177,8 @@ class LocalHop(LocalPipeline):
     pipeline, shaped like a ScoutConnection, but synchronous (it runs on the engine's thread)."""
 
     dead = False
+    quarantined = False
+    probation = 0
 
     def __init__(self, span: Span):
         super().__init__(span)
@@ -211,8 +219,11 @@ class RemotePipeline:
     """
 
     def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop,
-                 wire_dtype: str = "float32", fill: LocalFactory | None = None, reroute_seconds: float = 20.0):
+                 wire_dtype: str = "float32", fill: LocalFactory | None = None, reroute_seconds: float = 20.0,
+                 auditor=None, reference=None):
         self.hops = hops
+        self.auditor = auditor  # told of every forward a Scout served (golden tickets follow some)
+        self.reference = reference  # the Oracle's own blocks, mirroring Scouts on probation
         self.n_layers = n_layers
         self.fill = fill
         self.loop = loop
@@ -241,7 +252,7 @@ class RemotePipeline:
         return counts
 
     def _candidates(self, start: int, end: int) -> list:
-        live = [h for h in self.hops() if not h.dead]
+        live = [h for h in self.hops() if not h.dead and not h.quarantined]
         if self.fill is not None:
             live += self._local_hops(live, start, end)
         return live
@@ -320,13 +331,15 @@ class RemotePipeline:
         for i, r in enumerate(requests):
             groups.setdefault(tuple(self._route_of(r)), []).append(i)
         offsets = list(itertools.accumulate((r.n_tokens for r in requests), initial=0))
+        # A prompt read in this step: material for golden tickets (real hidden states).
+        prompt = next((hidden[offsets[i]:offsets[i + 1]] for i, r in enumerate(requests) if r.start == 0 and r.n_tokens > 1), None)
         if len(groups) == 1:
-            out = self._run_group(hidden, requests).float()
+            out = self._run_group(hidden, requests, prompt).float()
         else:
             out = torch.empty(hidden.shape, dtype=torch.float32)
         for indices in groups.values() if len(groups) > 1 else []:
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
-            out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices]).float()
+            out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices], prompt).float()
         for r, offset in zip(requests, offsets):
             rows = hidden[offset:offset + r.n_tokens].float()
             before = self.history.get(r.session)
@@ -334,21 +347,45 @@ class RemotePipeline:
             self.chunks[r.session] = trim_chunks(self.chunks.get(r.session, []), r.start) + [r.n_tokens]
         return out
 
-    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        """Sessions sharing one route, hop by hop; a failed hop is replaced and the step goes on."""
+    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Sessions sharing one route, hop by hop; a failed (or quarantined) hop is replaced and
+        the step goes on."""
         i = 0
         while i < len(self.routes[requests[0].session]):
             hop = self.routes[requests[0].session][i]
             try:
+                if hop.quarantined:
+                    raise ScoutUnreachable(f"Scout {hop.address.peer_id} is quarantined")
                 for r in requests:
                     if (r.session, hop) in self.stale:
                         self._replay(r, i)
-                x = self._call(hop, "forward", x, requests, self.wire_dtype)
+                out = self._call(hop, "forward", x, requests, self.wire_dtype)
+                if hop.probation > 0 and self.reference is not None:
+                    self._mirror(hop, x, out, requests)
+                if self.auditor is not None and not isinstance(hop, LocalHop):
+                    self.auditor.observe(hop, prompt)
+                x = out
                 i += 1
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
                 self._reroute(hop)
         return x
+
+    def _mirror(self, hop: ScoutConnection, x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest]) -> None:
+        """Check a forward of a Scout on probation against the Oracle's own blocks before its
+        output is used: a Scout that lies from the start never reaches a client. Only sessions the
+        mirror has followed from their first position can be checked."""
+        mirror = self.reference.hop(*hop.span)
+        offsets = list(itertools.accumulate((r.n_tokens for r in requests), initial=0))
+        picked = [i for i, r in enumerate(requests) if mirror.local.kv.length(r.session) == r.start]
+        if not picked:
+            return
+        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in picked])
+        expected = mirror.forward(x[rows].float(), [requests[i] for i in picked])
+        hop.probation -= 1
+        if not self.auditor.mirrored(hop, relative_error(out[rows], expected)):
+            hop.quarantined = True
+            raise ScoutUnreachable(f"Scout {hop.address.peer_id} failed its probation check")
 
     def _replay(self, r: SpanRequest, i: int) -> None:
         """Rebuild ``r.session``'s cache on hop ``i`` of its route, in its original chunks."""
@@ -383,7 +420,15 @@ class RemotePipeline:
                     if also is not None:
                         self.stale.update((also, h) for h in self.routes[session] if (session, h) in self.stale)
 
+    def _forget_mirrors(self, session: str, length: int = 0) -> None:
+        for hop in self.reference.hops() if self.reference is not None else []:
+            if length == 0:
+                hop.local.free(session)
+            elif hop.local.kv.length(session) > length:
+                hop.local.rollback(session, length)
+
     def rollback(self, session: str, length: int) -> None:
+        self._forget_mirrors(session, length)
         if session in self.history:
             self.history[session] = self.history[session][:length]
             self.chunks[session] = trim_chunks(self.chunks[session], length)
@@ -398,6 +443,7 @@ class RemotePipeline:
         self._each_hop(source, "fork", source, target, also=target)
 
     def free(self, session: str) -> None:
+        self._forget_mirrors(session)
         self.history.pop(session, None)
         self.chunks.pop(session, None)
         self._each_hop(session, "free", session)

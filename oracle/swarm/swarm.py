@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import torch
+from redis.exceptions import RedisError
 
 from shard_common.identity import Identity
 from shard_common.model.span import SpanRequest
 
+from oracle.store.reputation import ReputationStore
+
 from .control import OracleControl
 from .draft import ScoutDrafter
-from .remote import LocalFactory, RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable
+from .tickets import Auditor
+from .remote import LocalFactory, LocalHop, RemotePipeline, ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ class Swarm:
         self.vocab_digest = vocab_digest
         self.draft_deadline_seconds = draft_deadline_seconds
         self.drafter: ScoutDrafter | None = None
+        self.reputation: ReputationStore | None = None  # set before connect() to audit Scouts
+        self.auditor: Auditor | None = None
+        self.audit: Callable[[Callable[[], list[ScoutConnection]], Callable[[str, str], None]], Auditor] | None = None
         self.addresses = list(addresses or [])
         self.control = control
         self.wire_dtype = wire_dtype
@@ -48,16 +56,50 @@ class Swarm:
         self._task: asyncio.Task | None = None
 
     async def connect(self) -> None:
+        if self.reputation is not None:
+            try:
+                await self.reputation.load()
+            except (RedisError, OSError) as e:
+                log.warning("reputation not loaded (Redis: %s); Scouts start with a clean slate", e)
         if self.control is not None:
+            self.control.refuse_peer = self._banned_reason
             await self.control.start()
         loop = asyncio.get_running_loop()
-        self.pipeline = RemotePipeline(self._live, self.n_layers, loop, self.wire_dtype, self.fill)
+        if self.audit is not None:
+            self.auditor = self.audit(self._auditable, self.apply_state)
+            self.auditor.start()
+        self.pipeline = RemotePipeline(self._live, self.n_layers, loop, self.wire_dtype, self.fill, auditor=self.auditor,
+                                       reference=self.auditor.reference if self.auditor else None)
         self.drafter = ScoutDrafter(self.draft_scouts, loop, self.vocab_size, self.draft_deadline_seconds)
         self._task = loop.create_task(self._maintain())
 
     def _live(self) -> list[ScoutConnection]:
         """Scouts serving spans: the pipeline's hops."""
         return [c for c in self.connections if not c.dead and c.role == "span"]
+
+    def _auditable(self) -> list[ScoutConnection]:
+        """Span Scouts golden tickets go to, quarantined ones included."""
+        return [c for c in self.connections if not c.dead and c.role == "span"]
+
+    def _banned_reason(self, peer: str) -> str | None:
+        if self.reputation is not None and self.reputation.state(peer) == "banned":
+            return "banned for failing golden tickets (an operator can unban it: POST /v1/scouts/{peer_id}/unban)"
+        return None
+
+    def apply_state(self, peer: str, state: str) -> None:
+        """Act on a Scout's reputation: quarantined Scouts get no traffic (their sessions move by
+        the failover path), banned ones are disconnected and refused."""
+        for c in self.connections:
+            if c.address.peer_id != peer or c.dead:
+                continue
+            if state != "active" and not c.quarantined:
+                log.warning("Scout %s is %s: its sessions move to other Scouts", peer, state)
+            elif state == "active" and c.quarantined:
+                log.warning("Scout %s is trusted again", peer)
+            c.quarantined = state != "active"
+            if state == "banned":
+                c.dead = True
+                asyncio.get_running_loop().create_task(c.close())
 
     def draft_scouts(self) -> list[ScoutConnection]:
         return [c for c in self.connections if not c.dead and c.role == "draft"]
@@ -90,7 +132,7 @@ class Swarm:
                 await c.close()
         live = {c.address for c in self.connections if not c.dead}
         for address, span in wanted.items():
-            if address in live:
+            if address in live or self._banned_reason(address.peer_id):
                 continue
             try:
                 conn = await ScoutConnection(address, self.identity).open()
@@ -107,6 +149,10 @@ class Swarm:
                 log.warning("refusing draft Scout %s: its vocabulary differs from the model's", address.peer_id)
                 await conn.close()
                 continue
+            if self.reputation is not None and self.reputation.state(address.peer_id) != "active":
+                conn.quarantined = True  # quarantined in an earlier life: it earns trust back with tickets
+            if self.auditor is not None and conn.role == "span":
+                conn.probation = self.auditor.policy.probation
             self.connections = [c for c in self.connections if c.address != address] + [conn]
             what = "drafting" if conn.role == "draft" else "serving blocks [%d, %d)" % conn.span
             log.warning("connected to Scout %s %s", address.peer_id, what)
@@ -134,6 +180,8 @@ class Swarm:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.auditor is not None:
+            self.auditor.stop()
         for c in self.connections:
             await c.close()
         if self.control is not None:
@@ -153,13 +201,17 @@ class Swarm:
             if c.dead and c.address.peer_id in seen:
                 continue
             seen.add(c.address.peer_id)
-            state = "dead" if c.dead else "active" if c in load or c in preferred or c.role == "draft" else "spare"
+            info = registry.get(c.address.peer_id, {})
+            state = ("refused" if c.dead and info.get("refused") else "dead" if c.dead else "quarantined" if c.quarantined else
+                     "active" if c in load or c in preferred or c.role == "draft" else "spare")
             scouts.append({"peer_id": c.address.peer_id, "address": f"{c.address.host}:{c.address.port}", "role": c.role,
                            "span": list(c.span), "state": state, "sessions": load.get(c, 0), "requests": c.requests,
                            "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,
                            "forwards": c.forwards,
                            "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
-                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **registry.get(c.address.peer_id, {})})
+                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes,
+                           "reputation": self.reputation.state(c.address.peer_id) if self.reputation else None,
+                           **info})
         for peer, info in registry.items():
             if peer not in seen:  # announced but not (yet) serving: idle, loading, or dead
                 state = "dead" if info["announced_state"] == "dead" else "refused" if info["refused"] else "joining"
@@ -171,9 +223,10 @@ class Swarm:
             "oracle_multiaddrs": self.control.node.addrs if self.control else [],
             "wire_dtype": self.wire_dtype,
             "chain": [c.address.peer_id for c in preferred],
-            "local_spans": [list(c.span) for c in (pipeline.local_hops.values() if pipeline else [])],
+            "local_spans": sorted({h.span for h in [*preferred, *load] if isinstance(h, LocalHop)}),
             "scouts": scouts,
             "failovers": pipeline.failovers if pipeline else 0,
+            "tickets": self.auditor.status() if self.auditor else None,
             "sessions": len(pipeline.routes) if pipeline else 0,
         }
 

@@ -8,6 +8,8 @@ id inside an announcement is the one that signed it, so nobody can speak for ano
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import Literal
 
@@ -25,6 +27,7 @@ class Announcement(BaseModel):
     peer_id: str
     seq: int = 0
     sent_at: float = Field(default_factory=time.time)
+    proof: str | None = None  # private swarms: HMAC of the swarm secret over who and when (see prove)
 
 
 class Capabilities(BaseModel):
@@ -63,6 +66,33 @@ class OracleAnnouncement(Announcement):
 
 class AnnouncementError(ValueError):
     pass
+
+
+# A proof older (or newer) than this is refused: a recorded announcement cannot be replayed later.
+PROOF_SECONDS = 120.0
+
+
+def _mac(secret: str, a: Announcement) -> str:
+    return hmac.new(secret.encode(), f"{a.kind}|{a.peer_id}|{a.seq}|{a.sent_at!r}".encode(), hashlib.sha256).hexdigest()
+
+
+def prove(secret: str | None, a: Announcement) -> Announcement:
+    """Sign ``a`` with the swarm secret (no-op without one). The peer id inside is the gossip
+    signer's, so a proof cannot be lifted into another peer's announcement."""
+    if secret:
+        a.proof = _mac(secret, a)
+    return a
+
+
+def proof_problem(secret: str | None, a: Announcement) -> str | None:
+    """Why ``a`` does not prove knowledge of the swarm secret (None: it does, or no secret is set)."""
+    if not secret:
+        return None
+    if not a.proof or not hmac.compare_digest(a.proof, _mac(secret, a)):
+        return "it does not prove knowledge of the swarm secret (--swarm-secret)"
+    if abs(time.time() - a.sent_at) > PROOF_SECONDS:
+        return "its swarm-secret proof is stale (clocks more than two minutes apart, or a replay)"
+    return None
 
 
 def encode(message: Announcement) -> bytes:

@@ -1,0 +1,43 @@
+"""The Oracle's own copy of the blocks, used to check Scouts: golden tickets' right answers, and
+mirrors of Scouts on probation. Used on the engine's thread only (tensor work stays there)."""
+
+from __future__ import annotations
+
+import torch
+
+from shard_common.model.runtime import Runtime
+from shard_common.model.span import Span, SpanRequest
+from shard_common.model.weights import ModelWeights
+
+from .remote import LocalHop
+
+
+class ReferenceModel:
+    def __init__(self, weights: ModelWeights, runtime: Runtime, kv_budget_bytes: int = 256 << 20):
+        self.weights = weights
+        self.runtime = runtime
+        self.kv_budget_bytes = kv_budget_bytes
+        self._hops: dict[tuple[int, int], LocalHop] = {}
+
+    def hop(self, start: int, end: int) -> LocalHop:
+        """Blocks [start, end) computed here (one per range, built on first use)."""
+        hop = self._hops.get((start, end))
+        if hop is None:
+            hop = self._hops[(start, end)] = LocalHop(Span(self.weights, start, end, self.runtime, self.kv_budget_bytes))
+        return hop
+
+    def hops(self) -> list[LocalHop]:
+        return list(self._hops.values())
+
+    @torch.inference_mode()
+    def ticket(self, rows: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the span's input, its right output) for a prompt's embedded ``rows`` read from scratch."""
+        session, x = "~ticket", rows
+        request = [SpanRequest(session, 0, len(rows))]
+        try:
+            if span[0] > 0:
+                x = self.hop(0, span[0]).forward(x, request)
+            return x.float(), self.hop(*span).forward(x, request).float()
+        finally:
+            for hop in self._hops.values():
+                hop.local.free(session)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--ticket-probation", default=3, type=int, help="a new Scout's first forwards each get a ticket")
     add_option(serve, "--ticket-idle-seconds", default=60.0, type=float, help="an idle Scout gets a ticket this often")
     add_option(serve, "--ticket-tolerance", default=0.05, type=float,
-               help="largest relative L2 error of a Scout's output that passes (honest noise: 1e-6 to 4e-3; docs/trust.md)")
+               help="largest relative L2 error of a Scout's output that passes (honest Scouts measured 0 to 0.012; docs/trust.md)")
     add_option(serve, "--trust-window", default=20, type=int, help="tickets of a Scout's recent history that count")
     add_option(serve, "--quarantine-failures", default=1, type=int, help="failed tickets in the window that quarantine")
     add_option(serve, "--ban-failures", default=3, type=int, help="failed tickets in the window that ban")

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from shard_common.dataplane import HandshakeError, accept, server_context
-from shard_common.identity import Identity
+from shard_common.identity import Identity, reply_digest
 from shard_common.model.kv_cache import KVBudgetExceeded, UnknownSession
 from shard_common.model.span import SessionOutOfStep, Span, SpanRequest
 from shard_common.protocol import Error, Forward, Kind, Result, Welcome
@@ -140,7 +140,8 @@ class SpanServer:
         self.requests += 1
         try:
             if kind == Kind.FORWARD:
-                return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions, self.faults)
+                return await loop.run_in_executor(self.executor, self._forward, span, message, body, sessions, self.faults,
+                                              self.identity)
             if kind == Kind.DRAFT:
                 if self.draft is None:
                     return Kind.ERROR, Error(id=message.id, code="not_a_drafter", message="this Scout serves a span, not drafts"), b""
@@ -164,7 +165,7 @@ class SpanServer:
             return Kind.ERROR, Error(id=message.id, code=type(e).__name__, message=str(e)), b""
 
     @staticmethod
-    def _forward(span: Span, message: Forward, body: bytes, sessions: set[str], faults: FaultInjector):
+    def _forward(span: Span, message: Forward, body: bytes, sessions: set[str], faults: FaultInjector, identity: Identity):
         t0 = time.perf_counter()
         total = sum(s.n_tokens for s in message.sessions)
         if message.shape != (total, span.config.d_model):
@@ -173,5 +174,7 @@ class SpanServer:
         requests = [SpanRequest(s.session, s.start, s.n_tokens) for s in message.sessions]
         out = faults.forward(hidden, span.forward(hidden, requests))
         sessions.update(r.session for r in requests)
-        result = Result(id=message.id, dtype=message.dtype, shape=tuple(out.shape), compute_ms=(time.perf_counter() - t0) * 1000)
-        return Kind.RESULT, result, tensor_to_bytes(out, message.dtype)
+        payload = tensor_to_bytes(out, message.dtype)
+        result = Result(id=message.id, dtype=message.dtype, shape=tuple(out.shape), compute_ms=(time.perf_counter() - t0) * 1000,
+                        signature=identity.sign(reply_digest(message.id, payload)).hex())
+        return Kind.RESULT, result, payload

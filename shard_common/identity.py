@@ -9,6 +9,7 @@ both planes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,37 @@ def b58encode(data: bytes) -> str:
 def peer_id_of(public_key: bytes) -> str:
     proto = ED25519_PROTO_PREFIX + public_key
     return b58encode(bytes([0x00, len(proto)]) + proto)
+
+
+def b58decode(text: str) -> bytes:
+    n = 0
+    for ch in text:
+        n = n * 58 + B58.index(ch)
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\0" * (len(text) - len(text.lstrip("1"))) + body
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The Ed25519 key an identity-multihash peer id (12D3KooW...) carries; ValueError otherwise."""
+    try:
+        raw = b58decode(peer_id)
+    except ValueError:
+        raise ValueError(f"{peer_id!r} is not base58") from None
+    prefix = bytes([0x00, 4 + 32]) + ED25519_PROTO_PREFIX
+    if len(raw) != len(prefix) + 32 or not raw.startswith(prefix):
+        raise ValueError(f"{peer_id!r} is not an Ed25519 peer id")
+    return raw[len(prefix):]
+
+
+def reply_digest(request_id: int, body: bytes) -> bytes:
+    """What a Scout signs for every forward it answers: the request's id and the output bytes."""
+    return hashlib.sha256(request_id.to_bytes(8, "big") + hashlib.sha256(body).digest()).digest()
+
+
+def verify_reply(peer_id: str, request_id: int, output_sha256: str, signature: str) -> bool:
+    """Whether ``peer_id`` signed the reply to ``request_id`` whose body hashes to ``output_sha256``."""
+    digest = hashlib.sha256(request_id.to_bytes(8, "big") + bytes.fromhex(output_sha256)).digest()
+    return verify(public_key_of(peer_id), bytes.fromhex(signature), digest)
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:

@@ -117,6 +117,9 @@ class Result(Message):
     dtype: str | None = None
     shape: tuple[int, int] | None = None
     compute_ms: float = 0.0
+    # A forward's reply is signed by the Scout's identity key over reply_digest(id, body): evidence
+    # that it, and no one else, sent these numbers.
+    signature: str | None = None
 
 
 class Error(Message):

@@ -78,6 +78,13 @@ def _int8_to_bytes(t: torch.Tensor) -> bytes:
     return scales.numpy().tobytes() + values.numpy().tobytes()
 
 
+def through_wire(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` as it arrives after travelling in ``dtype`` (what the far side computes with)."""
+    if dtype == "float32":
+        return t.float()
+    return tensor_from_bytes(tensor_to_bytes(t, dtype), dtype, tuple(t.shape)).float()
+
+
 def wire_size(shape: tuple[int, ...], dtype: str) -> int:
     n = torch.Size(shape).numel()
     if dtype == "int8":

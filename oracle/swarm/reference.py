@@ -8,6 +8,7 @@ import torch
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span, SpanRequest
 from shard_common.model.weights import ModelWeights
+from shard_common.wire import through_wire
 
 from .remote import LocalHop
 
@@ -30,14 +31,16 @@ class ReferenceModel:
         return list(self._hops.values())
 
     @torch.inference_mode()
-    def ticket(self, rows: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the span's input, its right output) for a prompt's embedded ``rows`` read from scratch."""
+    def ticket(self, rows: torch.Tensor, span: tuple[int, int], wire_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the span's input, its right output as it should arrive) for a prompt's embedded ``rows``
+        read from scratch, with the wire's rounding applied both ways as the Scout sees it."""
         session, x = "~ticket", rows
         request = [SpanRequest(session, 0, len(rows))]
         try:
             if span[0] > 0:
                 x = self.hop(0, span[0]).forward(x, request)
-            return x.float(), self.hop(*span).forward(x, request).float()
+            x = through_wire(x, wire_dtype)
+            return x, through_wire(self.hop(*span).forward(x, request), wire_dtype)
         finally:
             for hop in self._hops.values():
                 hop.local.free(session)

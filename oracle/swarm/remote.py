@@ -4,6 +4,7 @@ blocks hop by hop through a chain of them."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
@@ -17,7 +18,7 @@ from shard_common.dataplane import connect
 from shard_common.identity import Identity
 from shard_common.model.span import Span, SpanRequest
 from shard_common.protocol import Close, Draft, Drafted, Error, Fork, Forward, Kind, Ping, Rollback, SessionSlice, Welcome
-from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
+from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, through_wire, write_frame
 
 from .routing import NoRoute, shortest_path
 
@@ -79,6 +80,7 @@ class ScoutConnection:
         self.ewma_ms: float | None = None  # forward round trip, smoothed: the routing weight
         self.last_used = 0.0
         self.quarantined = False  # failed golden tickets: no traffic, only more tickets
+        self.last_reply: dict | None = None  # the last forward reply's signed digest (evidence for tickets)
         self.probation = 0  # forwards still to be mirrored (checked by the Oracle before use)
 
     @property
@@ -136,6 +138,7 @@ class ScoutConnection:
         self.compute_ms += reply.compute_ms
         self.tokens += hidden.shape[0]
         self.wire_bytes += len(payload) + len(body)
+        self.last_reply = {"request_id": reply.id, "output_sha256": hashlib.sha256(body).hexdigest(), "signature": reply.signature}
         return tensor_from_bytes(body, reply.dtype, reply.shape)
 
     async def rollback(self, session: str, length: int) -> None:
@@ -381,7 +384,9 @@ class RemotePipeline:
         if not picked:
             return
         rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in picked])
-        expected = mirror.forward(x[rows].float(), [requests[i] for i in picked])
+        # Judge it on what it received and what it could send: the wire's rounding both ways.
+        expected = through_wire(mirror.forward(through_wire(x[rows], self.wire_dtype), [requests[i] for i in picked]),
+                                self.wire_dtype)
         hop.probation -= 1
         if not self.auditor.mirrored(hop, relative_error(out[rows], expected)):
             hop.quarantined = True

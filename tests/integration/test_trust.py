@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from oracle.swarm.local_scouts import LocalScout
+from shard_common.identity import verify_reply
 
 from .conftest import ADMIN_KEY, OracleProcess, free_port
 
@@ -78,6 +79,8 @@ def test_a_scout_lying_from_the_start_never_reaches_a_client(swarm, server, mode
     assert "failed its probation check" in log or "failed a golden ticket" in log
     detail = swarm.admin("GET", f"/v1/scouts/{liar.address.peer_id}").json()
     assert detail["failed"] >= 1 and detail["evidence"][0]["relative_error"] > 0.05
+    signed = [e["reply"] for e in detail["evidence"] if e.get("reply")]
+    assert signed and all(verify_reply(liar.address.peer_id, **r) for r in signed)  # the ban rests on its own signature
 
 
 def test_the_liar_is_banned_and_its_reconnect_refused(swarm):

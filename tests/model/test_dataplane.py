@@ -11,7 +11,7 @@ import torch
 from oracle.swarm.remote import ScoutAddress, ScoutConnection, ScoutError
 from scout.server import SpanServer
 from shard_common.dataplane import HandshakeError, client_context, connect
-from shard_common.identity import Identity, peer_id_of
+from shard_common.identity import Identity, peer_id_of, verify_reply
 from shard_common.model.span import Span, SpanRequest
 from shard_common.protocol import Hello, Kind
 from shard_common.wire import PRELUDE, read_frame, write_frame
@@ -51,6 +51,8 @@ def test_forward_over_the_wire_matches_local(tiny_span, quant_parts, tmp_path):
         conn = await ScoutConnection(ScoutAddress(ident.peer_id, "127.0.0.1", server.port), Identity.generate()).open()
         assert conn.span == (0, 2)
         out = await conn.forward(hidden, [SpanRequest("w", 0, 4)], "float32")
+        assert verify_reply(ident.peer_id, **conn.last_reply)  # the reply is bound to the Scout's identity
+        assert not verify_reply(Identity.generate().peer_id, **conn.last_reply)
         await conn.rollback("w", 2)
         await conn.ping()
         with pytest.raises(ScoutError, match="SessionOutOfStep"):

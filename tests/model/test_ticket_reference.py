@@ -1,0 +1,31 @@
+"""Golden tickets' right answers: an honest Scout matches them on every wire dtype (the Oracle
+applies the wire's rounding as the Scout sees it), a noisy one does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oracle.swarm.reference import ReferenceModel
+from oracle.swarm.remote import relative_error
+from oracle.swarm.tickets import TicketPolicy
+from shard_common.model.runtime import Runtime
+from shard_common.model.span import Span, SpanRequest
+from shard_common.wire import through_wire
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16", "float16", "int8"])
+def test_honest_scouts_pass_and_noisy_ones_fail(weights, tokenizer, quant_parts, wire):
+    runtime, _, ends = quant_parts
+    reference = ReferenceModel(weights, runtime)
+    rows = ends.embed(tokenizer.encode_chat([{"role": "user", "content": "Explain how a bicycle stays upright."}])).float()
+    tolerance = TicketPolicy().tolerance
+    for backend in ("quant", "dense"):  # a Scout on other kernels and fp32 activations is honest too
+        scout = Span(weights, 12, 30, Runtime.pick(backend))
+        inputs, expected = reference.ticket(rows, (12, 30), wire)
+        honest = through_wire(scout.forward(inputs, [SpanRequest("t", 0, len(rows))]), wire)
+        scout.free("t")
+        assert relative_error(honest, expected) < tolerance / 3
+    noisy = honest + torch.randn_like(honest) * honest.std() * 0.1
+    assert relative_error(noisy, expected) > tolerance
+    assert all(h.local.kv.sessions == {} for h in reference.hops())

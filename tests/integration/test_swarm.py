@@ -117,3 +117,19 @@ def test_scouts_come_back_to_a_restarted_oracle(swarm, server, model_id):
     status = swarm.oracle.wait_for("the Scouts to return", lambda st: len(serving(st)) == len(before) and st, timeout=90)
     assert {s["peer_id"]: s["span"] for s in serving(status)} == before  # adopted as they were, nothing reloaded
     assert answers(swarm.oracle.url, model_id)[:1] == answers(server, model_id)[:1]
+
+
+def test_a_scout_finds_the_oracle_on_the_lan_with_mdns(tmp_path):
+    """No bootstrap address at all: mDNS on this machine's network finds the Oracle. Without a
+    span limit the only Scout is assigned every block its memory holds (all 30 here)."""
+    (tmp_path / "oracle").mkdir()
+    oracle = OracleProcess(tmp_path / "oracle", "--swarm", "--mdns", ready=False)
+    scout = None
+    try:
+        scout = LocalScout(None, tmp_path / "scout", ["--mdns", "--threads", "1", "--heartbeat", "0.5"])
+        status = oracle.wait_for("the Scout found by mDNS", lambda st: serving(st) and st, timeout=90)
+        assert serving(status)[0]["peer_id"] == scout.address.peer_id and status["coverage"] == [1] * 30
+    finally:
+        oracle.stop()
+        if scout is not None:
+            scout.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from oracle.api.storage import add_redis_options, add_storage_options
@@ -20,6 +21,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                help="speculative decoding: ngram = prompt lookup; scout = a draft Scout (falls back to ngram); "
                     "auto = scout when one serves, else ngram; a request may override it with \"speculative\"")
     add_option(p, "--log-level", default="warning", help="debug, info, warning, error")
+    add_option(p, "--log-format", default="text", choices=["text", "json"], help="json: one object per line, with request ids")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -48,6 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from oracle.api.server import serve
 
     return serve(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from oracle.status_cli import run_status_command
+
+    return run_status_command(args)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-running", default=32, type=int, help="sequences decoded together in one batch")
     add_option(serve, "--max-queued", default=256, type=int, help="requests waiting beyond that; more get 503")
     add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
+    add_option(serve, "--public-metrics", action="store_true", default=False,
+               help="serve /metrics without a key (for a Prometheus on a private network); else it needs an admin key")
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")
     add_option(serve, "--swarm", action="store_true", default=False,
                help="run the blocks on Scouts that join over libp2p (shard-scout --bootstrap <the multiaddr this prints>)")
@@ -124,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(serve)
     serve.set_defaults(func=cmd_serve)
 
+    status = sub.add_parser("status", help="print the swarm's picture: coverage, Scouts, load (needs an admin key)")
+    add_option(status, "--url", default="http://127.0.0.1:8000", help="the Oracle's base URL")
+    add_option(status, "--key", default=os.environ.get("SHARD_ADMIN_KEY"), help="an admin key (default: $SHARD_ADMIN_KEY)")
+    status.add_argument("--log-level", default="warning")
+    status.set_defaults(func=cmd_status)
+
     keys = sub.add_parser("keys", help="create, list and revoke API keys (in the Oracle's Redis)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it once")
@@ -145,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, getattr(args, "log_format", "text"))
     return args.func(args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from redis.exceptions import RedisError
 from pydantic.json_schema import models_json_schema
 
 from . import routes, schemas, scouts
+from .dashboard import dashboard
 from .auth import ANONYMOUS, presented_key
 from .errors import APIError
+from .metrics import Metrics
 from .state import OracleState
 
+access_log = logging.getLogger("oracle.access")
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -69,7 +73,7 @@ ROUTES += [
           response=schemas.ScoutReputationDeleted),
 ]
 UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
-PUBLIC_PATHS = {"/health", "/openapi.json"}
+PUBLIC_PATHS = {"/health", "/openapi.json", "/dashboard"}  # the dashboard checks its key itself
 SHARDS_PREFIX = "/shards/"  # the model's shard files, public like the model itself
 
 
@@ -80,11 +84,16 @@ def error_status_type(status: int) -> str:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id") or f"req_{uuid.uuid4().hex[:24]}"
+    request["request_id"] = request_id
+    started = time.perf_counter()
+    metrics = request.app[routes.STATE].metrics
     try:
         response = await handler(request)
     except APIError as e:
         response = e.response()
     except RedisError as e:
+        if metrics is not None:
+            metrics.redis_errors.inc()
         log.warning("Redis error in %s %s (request id %s): %s", request.method, request.path, request_id, e)
         response = APIError(503, f"The store is unreachable right now; retry shortly (request id {request_id})",
                             type="server_error", code="store_unavailable", headers={"Retry-After": "2"}).response()
@@ -100,13 +109,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = APIError(500, f"Internal server error (request id {request_id})", type="server_error", code="internal_error").response()
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    if metrics is not None:
+        metrics.requests.labels(route, request.method, str(response.status)).inc()
+        metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+        if response.status == 429:
+            metrics.rate_limited.inc()
+    access_log.info("%s %s %d %.1fms", request.method, request.path, response.status, (time.perf_counter() - started) * 1000,
+                    extra={"request_id": request_id})
     return response
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Sets request["key"] (the caller) and charges one request against its limits."""
-    if request.path in PUBLIC_PATHS or request.path.startswith(SHARDS_PREFIX) or request.match_info.http_exception is not None:
+    public = request.path in PUBLIC_PATHS or (request.path == "/metrics" and request.app["public_metrics"])
+    if public or request.path.startswith(SHARDS_PREFIX) or request.match_info.http_exception is not None:
         return await handler(request)
     state: OracleState = request.app[routes.STATE]
     if state.auth is None:
@@ -153,11 +172,27 @@ def openapi_document(model_id: str) -> dict:
     }
 
 
-def create_app(state: OracleState, max_body_bytes: int = 4 << 20, shard_dir: Path | None = None) -> web.Application:
+def create_app(state: OracleState, max_body_bytes: int = 4 << 20, shard_dir: Path | None = None,
+               public_metrics: bool = False) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=max_body_bytes)
     app.on_response_prepare.append(add_ratelimit_headers)
     app[routes.STATE] = state
     app["max_body_bytes"] = max_body_bytes
+    app["public_metrics"] = public_metrics
+    if state.metrics is None:
+        state.metrics = Metrics()
+        state.metrics.watch(state)
+        state.scheduler.on_step = state.metrics.batch.observe
+
+    async def metrics(request: web.Request) -> web.Response:
+        if not public_metrics and not request["key"].is_admin:
+            raise APIError(403, "Metrics need an admin key (or serve --public-metrics)", type="permission_error",
+                           code="admin_required")
+        return web.Response(body=state.metrics.exposition(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/dashboard", dashboard)
     for r in ROUTES:
         for prefix in ("/v1", ""):
             app.router.add_route(r.method, prefix + r.path, r.handler)

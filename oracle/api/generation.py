@@ -13,6 +13,7 @@ from oracle.engine.sequence import Sequence, TokenEvent
 from shard_common.tokenizer import Tokenizer
 
 from .errors import APIError, bad_request
+from .metrics import Metrics, RequestTimer
 from .schemas import ChoiceLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage
 
 
@@ -84,9 +85,10 @@ def submit(scheduler: Scheduler, seqs: list[Sequence]) -> Job:
         raise APIError(503, f"The server is overloaded: {e}. Retry shortly.", type="server_error", code="overloaded", headers={"Retry-After": "1"}) from e
 
 
-async def job_events(job: Job, request: web.Request, scheduler: Scheduler):
+async def job_events(job: Job, request: web.Request, scheduler: Scheduler, metrics: Metrics | None = None):
     """(choice index, event) until every choice finishes. Cancels the job when the client goes
-    away, so its batch slot and caches are freed at the next step."""
+    away, so its batch slot and caches are freed at the next step. Feeds the latency metrics."""
+    timer = RequestTimer(metrics)
     try:
         while not job.finished:
             try:
@@ -98,7 +100,9 @@ async def job_events(job: Job, request: web.Request, scheduler: Scheduler):
                 continue
             if isinstance(item, GenerationFailed):
                 raise APIError(503, f"Generation failed: {item}", type="server_error", code=item.code, headers={"Retry-After": "5"})
+            timer.token(item[0])
             yield item
+        timer.done(sum(len(s.prompt_ids) for s in job.seqs[:1]), sum(len(s.output) for s in job.seqs))
     finally:
         if not job.finished:
             scheduler.cancel(job)

@@ -21,9 +21,8 @@ from .schemas import (
     ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, Health, MetadataUpdate,
     ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList,
 )
-from .state import OracleState
+from .state import STATE, OracleState
 
-STATE = web.AppKey("state", OracleState)
 
 
 async def parse(request: web.Request, model: type[BaseModel]):
@@ -93,7 +92,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     if req.stream:
         return await stream_chat(request, state, job, seqs, ident, created, model, len(prompt_ids), req, reserved)
-    async for _ in job_events(job, request, state.scheduler):
+    async for _ in job_events(job, request, state.scheduler, state.metrics):
         pass
     if not job.finished:
         raise APIError(499, "client closed the request", type="server_error")
@@ -153,12 +152,13 @@ async def stream_job(request: web.Request, job, on_event, before=None, after=Non
     """SSE around a job: ``before(response)``, then ``on_event(response, index, event)`` per token,
     ``after(response)`` once every choice finished, then ``[DONE]``. A failure mid-stream becomes
     an error event; a client that went away cancels the job."""
-    scheduler = request.app[STATE].scheduler
+    state = request.app[STATE]
+    scheduler = state.scheduler
     response = await start_sse(request)
     try:
         if before is not None:
             await before(response)
-        async for index, event in job_events(job, request, scheduler):
+        async for index, event in job_events(job, request, scheduler, state.metrics):
             await on_event(response, index, event)
         if job.finished and after is not None:
             await after(response)
@@ -245,7 +245,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         response = await stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req)
         await settle_tokens(request, reserved, usage_of(prompt_tokens, all_seqs).total_tokens)
         return response
-    async for _ in job_events(job, request, state.scheduler):
+    async for _ in job_events(job, request, state.scheduler, state.metrics):
         pass
     if not job.finished:
         raise APIError(499, "client closed the request", type="server_error")

@@ -9,13 +9,11 @@ from aiohttp import web
 
 from .errors import APIError
 from .schemas import ScoutReputation, ScoutReputationDeleted, ScoutReputationDetail, ScoutReputationList
-from .state import OracleState
+from .state import STATE, OracleState
 
 
 
 def reputation_store(request: web.Request):
-    from .routes import STATE
-
     state: OracleState = request.app[STATE]
     if not request["key"].is_admin:
         raise APIError(403, "Scout reputation needs an admin key", type="permission_error", code="admin_required")

@@ -148,7 +148,8 @@ def serve(args: argparse.Namespace) -> int:
         limits=RequestLimits(max_n=args.max_n),
         swarm=swarm,
     )
-    app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)), shard_dir=manifest.parent)
+    app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)), shard_dir=manifest.parent,
+                     public_metrics=args.public_metrics)
     embedded = None
     redis_url = args.redis_url
     if not redis_url:

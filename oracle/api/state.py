@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from oracle.engine.scheduler import Scheduler
 from oracle.store.completions import CompletionStore
 from oracle.swarm.swarm import Swarm
@@ -12,6 +14,7 @@ from shard_common.tokenizer import Tokenizer
 
 from .auth import Authenticator, RateLimits
 from .generation import RequestLimits
+from .metrics import Metrics
 
 
 @dataclass
@@ -29,3 +32,7 @@ class OracleState:
     completions: CompletionStore | None = None
     store_by_default: bool = True
     swarm: Swarm | None = None  # None: every block runs in this process
+    metrics: Metrics | None = None
+
+
+STATE = web.AppKey("state", OracleState)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .engine import Engine
 from .sequence import Sequence, TokenEvent
@@ -52,6 +53,7 @@ class Scheduler:
         # MainThreadExecutor (see main_thread.py for why).
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
+        self.on_step: Callable[[int], None] | None = None  # told each step's batch size (metrics)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
@@ -148,6 +150,8 @@ class Scheduler:
                 continue
             self.steps += 1
             self.tokens_generated += len(events)
+            if self.on_step is not None:
+                self.on_step(len(batch))
             for seq, event in events:
                 job, index = owner[id(seq)]
                 if not job.cancelled:

@@ -37,7 +37,7 @@ def parse_span(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shard-scout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_option(p, "--bootstrap", default="", help="comma-separated multiaddrs of swarm members to join through "
-                                                   "(the Oracle prints its own at start)")
+                                                   "(the Oracle prints its own at start; without it, --oracle-url's /swarm tells)")
     add_option(p, "--mdns", action="store_true", default=False, help="also find swarm members on the LAN with mDNS")
     add_option(p, "--p2p-port", default=0, type=int, help="libp2p TCP port (0: any free port)")
     add_option(p, "--role", default="span", choices=["span", "draft"],
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(the bundled one when unset)")
     add_option(p, "--backend", default="quant", choices=["quant", "dense"], help="quant: 4/8-bit kernels (fast); dense: fp32")
     add_option(p, "--host", default="127.0.0.1", help="address the data plane and libp2p listen on")
-    add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host)")
+    add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host, or this machine's address when --host is 0.0.0.0)")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
     add_option(p, "--data-dir", default=str(Path.home() / ".shard" / "scout"), help="identity key, TLS files, shard cache")
     add_option(p, "--memory-gb", default=2.0, type=float, help="memory for weights and KV caches; the Oracle sizes the span by it")
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                "corrupt=0.2 | noise=0.1 | skip=1 | delay_ms=200 | draft=random (see scout/faults.py)")
     add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
+    add_option(p, "--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     return p
 
 
@@ -89,13 +90,52 @@ def measure_throughput(span, steps: int = 8) -> float:
     return round(steps * (span.end - span.start) / elapsed, 1)
 
 
+def bootstrap_from_oracle(url: str, attempts: int = 60) -> list[str]:
+    """The Oracle's libp2p addresses from its public ``/swarm``, with a wildcard listen address
+    replaced by the host the URL names (retried while the Oracle starts)."""
+    import ipaddress
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    host = urllib.parse.urlparse(url).hostname or "127.0.0.1"
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        ip = socket.gethostbyname(host)
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/swarm", timeout=5) as r:
+                info = json.loads(r.read())
+            return [a.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/") for a in info["multiaddrs"]]
+        except OSError as e:
+            if attempt == attempts - 1:
+                raise RuntimeError(f"cannot learn the Oracle's libp2p address from {url}/swarm: {e}") from e
+            time.sleep(2)
+    return []
+
+
+def default_announce_host(host: str) -> str:
+    """Listening on every interface: announce this machine's own address (a container's, say)."""
+    import socket
+
+    if host not in ("0.0.0.0", "::"):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     bootstrap = [b.strip() for b in args.bootstrap.split(",") if b.strip()]
+    if not bootstrap and args.oracle_url and args.span is None:
+        bootstrap = bootstrap_from_oracle(args.oracle_url)
     if args.span is None and not bootstrap and not args.mdns and args.role == "span":
-        print("shard-scout: give --bootstrap MULTIADDR (or --mdns) to join a swarm, or --span START:END to serve "
-              "a fixed span", file=sys.stderr)
+        print("shard-scout: give --bootstrap MULTIADDR, --oracle-url URL or --mdns to join a swarm, or --span START:END "
+              "to serve a fixed span", file=sys.stderr)
         return 2
     import torch
 
@@ -180,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     control = None
     if bootstrap or args.mdns:
         control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
-                               load_assigned, args.announce_host or args.host, capabilities, model_id, allowed,
+                               load_assigned, args.announce_host or default_announce_host(args.host), capabilities, model_id, allowed,
                                heartbeat_seconds=args.heartbeat, load_draft=load_draft_model if args.role == "draft" else None,
                                swarm_secret=args.swarm_secret)
 

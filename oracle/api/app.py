@@ -72,8 +72,10 @@ ROUTES += [
     Route("POST", "/scouts/{peer_id}/reset", scouts.reset, "Forget a Scout's reputation (admin)",
           response=schemas.ScoutReputationDeleted),
 ]
-UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health)]
-PUBLIC_PATHS = {"/health", "/openapi.json", "/dashboard"}  # the dashboard checks its key itself
+UNVERSIONED = [Route("GET", "/health", routes.health, "Liveness and readiness", response=schemas.Health),
+               Route("GET", "/swarm", routes.swarm_info, "How a Scout joins: the Oracle's libp2p addresses (public)",
+                     response=schemas.SwarmInfo)]
+PUBLIC_PATHS = {"/health", "/openapi.json", "/dashboard", "/swarm"}  # the dashboard checks its key itself
 SHARDS_PREFIX = "/shards/"  # the model's shard files, public like the model itself
 
 

@@ -19,7 +19,7 @@ from .generation import (
 from .schemas import (
     AssistantMessage, ChatChoice, ClusterStatus, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
     ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, Health, MetadataUpdate,
-    ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList,
+    ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList, SwarmInfo,
 )
 from .state import STATE, OracleState
 
@@ -345,6 +345,16 @@ async def cluster_status(request: web.Request) -> web.Response:
                     coverage[block] += 1
         body = ClusterStatus(mode="swarm", coverage=coverage, **swarm, **common)
     return web.json_response(text=body.model_dump_json())
+
+
+async def swarm_info(request: web.Request) -> web.Response:
+    """Public: how a Scout joins this Oracle (``shard-scout --oracle-url`` reads it)."""
+    state = request.app[STATE]
+    control = state.swarm.control if state.swarm is not None else None
+    if control is None:
+        raise APIError(404, "This Oracle runs no libp2p swarm (serve --swarm)", code="not_found")
+    return web.json_response(text=SwarmInfo(peer_id=control.identity.peer_id, multiaddrs=control.node.addrs,
+                                            model=state.model_ids[0]).model_dump_json())
 
 
 async def health(request: web.Request) -> web.Response:

@@ -367,6 +367,12 @@ class ScoutStatus(Schema):
     p2p_connected: bool | None = None
 
 
+class SwarmInfo(Schema):
+    peer_id: str
+    multiaddrs: list[str]  # /ip4/.../tcp/.../p2p/PEER: what shard-scout --bootstrap takes
+    model: str
+
+
 class ScoutReputation(Schema):
     object: Literal["scout.reputation"] = "scout.reputation"
     peer_id: str

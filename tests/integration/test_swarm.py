@@ -42,8 +42,9 @@ class Swarm:
     def bootstrap(self) -> str:
         return self.oracle.status()["oracle_multiaddrs"][0]
 
-    def add_scout(self, name: str, bootstrap: str, *extra: str) -> LocalScout:
-        scout = LocalScout(None, self.root / name, ["--bootstrap", bootstrap, "--threads", "1", "--heartbeat", "0.5", *extra])
+    def add_scout(self, name: str, bootstrap: str | None, *extra: str) -> LocalScout:
+        join = ["--bootstrap", bootstrap] if bootstrap else ["--oracle-url", self.oracle.url]  # /swarm tells the address
+        scout = LocalScout(None, self.root / name, [*join, "--threads", "1", "--heartbeat", "0.5", *extra])
         self.scouts.append(scout)
         return scout
 
@@ -65,7 +66,7 @@ def swarm(tmp_path_factory):
 def test_scouts_join_get_spans_and_answer_like_one_process(swarm, server, model_id):
     scout_port = free_port()
     swarm.add_scout("a", swarm.bootstrap, "--p2p-port", str(scout_port))
-    swarm.add_scout("b", swarm.bootstrap)
+    swarm.add_scout("b", None)
     status = swarm.oracle.wait_for("two serving Scouts", lambda st: len(serving(st)) == 2 and st)
     assert sorted(tuple(s["span"]) for s in serving(status)) == [(0, 15), (15, 30)]
     assert status["coverage"] == [1] * 30

@@ -44,3 +44,14 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.2f}"
     return str(v)
+
+
+def save_plot(draw, rows: list[dict], name: str) -> None:
+    """``draw(rows, path)`` into bench/results/<name>.png, if matplotlib (pip install shard[bench]) is there."""
+    path = RESULTS / f"{name}.png"
+    try:
+        draw(rows, path)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    print("wrote", path)

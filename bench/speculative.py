@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.api import wait_ready  # noqa: E402
-from bench.common import RESULTS, print_table, write_json  # noqa: E402
+from bench.common import print_table, save_plot, write_json  # noqa: E402
 
 KEY = "sk-oracle-bench-" + "p" * 32
 ARTICLE = ("The city council met on Tuesday to discuss the new bicycle lanes on Main Street. Supporters said the "
@@ -125,11 +125,7 @@ def main() -> None:
         rows += measure(latency, args.scouts, args.max_tokens, args.draft, 8800 + i)
     print_table(rows, ["latency_ms", "kind", "mode", "tokens", "tok_s", "speedup", "acceptance", "tokens_per_pass"])
     print("wrote", write_json("speculative", {"max_tokens": args.max_tokens, "scouts": args.scouts, "results": rows}))
-    try:
-        plot(rows, RESULTS / "speculative.png")
-        print("wrote", RESULTS / "speculative.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    save_plot(plot, rows, "speculative")
 
 
 if __name__ == "__main__":

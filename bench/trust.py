@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.api import run_level, wait_ready  # noqa: E402
-from bench.common import RESULTS, print_table, write_json  # noqa: E402
+from bench.common import print_table, save_plot, write_json  # noqa: E402
 from oracle.swarm.local_scouts import LocalScout  # noqa: E402
 
 KEY = "sk-oracle-bench-" + "t" * 32
@@ -92,24 +92,26 @@ def detection(root: Path, rate: float, corruption: float, trials: int, budget: i
     results = []
     try:
         for trial in range(trials):
+            # The liar joins into the hole a stopped honest Scout left: it alone serves blocks 0..15.
             honest_a = scout(root, f"a-{port}-{trial}", oracle)
-            wait(lambda: len([s for s in oracle.status()["scouts"] if s["state"] in ("active", "spare")]) >= 2)
+            wait(lambda: oracle.status()["coverage"] == [1] * 30)
+            honest_a.stop()
+            wait(lambda: oracle.status()["coverage"][0] == 0)
             liar = scout(root, f"liar-{port}-{trial}", oracle, "--inject-faults", f"corrupt={corruption}")
-            wait(lambda: oracle.scout(liar.address.peer_id) and oracle.scout(liar.address.peer_id)["state"] != "joining")
-            honest_a.stop()  # the liar is now the only Scout serving its span
-            wait(lambda: not oracle.scout(honest_a.address.peer_id))
-            wrong, sent, caught = 0, 0, False
+            wait(lambda: (s := oracle.scout(liar.address.peer_id)) and s["state"] == "active" or
+                 oracle.status()["coverage"] == [1] * 30)
+            wrong, sent, forwards, caught = 0, 0, 0, False
             while sent < budget:
                 q = QUESTIONS[sent % len(QUESTIONS)]
                 answer = oracle.ask(q)
                 sent += 1
                 wrong += answer is not None and answer != expected[q]
                 info = oracle.scout(liar.address.peer_id) or {}
+                forwards = max(forwards, info.get("forwards") or 0)
                 if info.get("reputation") in ("quarantined", "banned"):
                     caught = True
                     break
-            info = oracle.scout(liar.address.peer_id) or {}
-            results.append({"caught": caught, "liar_forwards": info.get("forwards", 0), "requests": sent, "wrong_answers": wrong})
+            results.append({"caught": caught, "liar_forwards": forwards, "requests": sent, "wrong_answers": wrong})
             liar.stop()
     finally:
         oracle.stop()
@@ -186,6 +188,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--budget", type=int, default=100, help="requests per trial before giving up")
     parser.add_argument("--honest-tickets", type=int, default=10000)
+    parser.add_argument("--phases", nargs="+", default=["detection", "honest", "overhead"],
+                        choices=["detection", "honest", "overhead"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -196,23 +200,24 @@ def main() -> None:
         reference.stop()
         for s in ref_scouts:
             s.stop()
-        rows, port = [], 8960
-        for rate in args.ticket_rates:
-            for c in args.corruption:
-                rows.append(detection(root, rate, c, args.trials, args.budget, expected, port))
-                port += 2
-        print_table(rows, ["ticket_rate", "corruption", "trials", "caught", "median_forwards_to_quarantine",
-                           "worst_forwards_to_quarantine", "wrong_answers_served"])
-        fp = honest(root, args.honest_tickets, 9100)
-        print_table([fp], list(fp))
-        cost = overhead(root, 9110)
-        print_table(cost, ["ticket_rate", "aggregate_tok_s", "itl_p50_ms", "ttft_p50_ms"])
-    print("wrote", write_json("trust", {"detection": rows, "honest": fp, "overhead": cost}))
-    try:
-        plot(rows, RESULTS / "trust.png")
-        print("wrote", RESULTS / "trust.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+        rows, fp, cost, port = [], None, [], 8960
+        if "detection" in args.phases:
+            for rate in args.ticket_rates:
+                for c in args.corruption:
+                    rows.append(detection(root, rate, c, args.trials, args.budget, expected, port))
+                    port += 2
+            print_table(rows, ["ticket_rate", "corruption", "trials", "caught", "median_forwards_to_quarantine",
+                               "worst_forwards_to_quarantine", "wrong_answers_served"])
+        if "honest" in args.phases:
+            fp = honest(root, args.honest_tickets, 9100)
+            print_table([fp], list(fp))
+        if "overhead" in args.phases:
+            cost = overhead(root, 9110)
+            print_table(cost, ["ticket_rate", "aggregate_tok_s", "itl_p50_ms", "ttft_p50_ms"])
+    name = "trust" if len(args.phases) == 3 else "trust-" + "-".join(args.phases)
+    print("wrote", write_json(name, {"detection": rows, "honest": fp, "overhead": cost}))
+    if rows:
+        save_plot(plot, rows, "trust")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from oracle.swarm.local_scouts import LocalScout
 from shard_common.processes import stop_process
 
 
@@ -77,6 +78,49 @@ class OracleProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; last status: {status}")
             time.sleep(0.3)
+
+
+class ScoutSwarm:
+    """An Oracle running the libp2p swarm (``--swarm`` plus ``oracle_args``) and Scouts started by
+    hand that join it, by name. Restart the Oracle with ``restart_oracle`` (same data, same port)."""
+
+    def __init__(self, root, *oracle_args: str):
+        self.root = root
+        (root / "oracle").mkdir()
+        self.p2p_port = free_port()
+        self.oracle_args = oracle_args
+        self.scouts: dict[str, LocalScout] = {}
+        self.oracle = self._start_oracle()
+
+    def _start_oracle(self) -> OracleProcess:
+        return OracleProcess(self.root / "oracle", "--swarm", *self.oracle_args, p2p_port=self.p2p_port, ready=False)
+
+    def restart_oracle(self) -> None:
+        self.oracle.stop()
+        self.oracle = self._start_oracle()
+
+    @property
+    def bootstrap(self) -> str:
+        return self.oracle.status()["oracle_multiaddrs"][0]
+
+    def add(self, name: str, *extra: str, bootstrap: str | None = "oracle") -> LocalScout:
+        """A Scout joining through ``bootstrap`` (a multiaddr; "oracle": the Oracle's; None: it
+        asks the Oracle's /swarm through --oracle-url)."""
+        if bootstrap is None:
+            join = ["--oracle-url", self.oracle.url]
+        else:
+            join = ["--bootstrap", self.bootstrap if bootstrap == "oracle" else bootstrap]
+        self.scouts[name] = LocalScout(None, self.root / name, [*join, "--threads", "1", "--heartbeat", "0.5", *extra])
+        return self.scouts[name]
+
+    def scout(self, name: str, status: dict | None = None) -> dict | None:
+        peer = self.scouts[name].address.peer_id
+        return next((s for s in (status or self.oracle.status())["scouts"] if s["peer_id"] == peer), None)
+
+    def stop(self) -> None:
+        self.oracle.stop()
+        for s in self.scouts.values():
+            s.stop()
 
 
 @pytest.fixture(scope="session")

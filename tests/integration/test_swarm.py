@@ -9,7 +9,7 @@ import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
-from .conftest import ADMIN_KEY, OracleProcess, free_port
+from .conftest import ADMIN_KEY, OracleProcess, ScoutSwarm, free_port
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 POEM = dict(messages=[{"role": "user", "content": "Write a short poem about the sea."}], temperature=0, max_tokens=40)
@@ -25,38 +25,9 @@ def serving(status: dict) -> list[dict]:
     return [s for s in status["scouts"] if s["state"] in ("active", "spare")]
 
 
-class Swarm:
-    def __init__(self, root):
-        self.root = root
-        self.oracle_dir = root / "oracle"
-        self.oracle_dir.mkdir()
-        self.p2p_port = free_port()
-        self.oracle = self.start_oracle()
-        self.scouts: list[LocalScout] = []
-
-    def start_oracle(self) -> OracleProcess:
-        return OracleProcess(self.oracle_dir, "--swarm", "--blocks-per-scout", "15", "--dead-after", "2",
-                             p2p_port=self.p2p_port, ready=False)
-
-    @property
-    def bootstrap(self) -> str:
-        return self.oracle.status()["oracle_multiaddrs"][0]
-
-    def add_scout(self, name: str, bootstrap: str | None, *extra: str) -> LocalScout:
-        join = ["--bootstrap", bootstrap] if bootstrap else ["--oracle-url", self.oracle.url]  # /swarm tells the address
-        scout = LocalScout(None, self.root / name, [*join, "--threads", "1", "--heartbeat", "0.5", *extra])
-        self.scouts.append(scout)
-        return scout
-
-    def stop(self):
-        self.oracle.stop()
-        for s in self.scouts:
-            s.stop()
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    s = Swarm(tmp_path_factory.mktemp("swarm"))
+    s = ScoutSwarm(tmp_path_factory.mktemp("swarm"), "--blocks-per-scout", "15", "--dead-after", "2")
     try:
         yield s
     finally:
@@ -65,8 +36,8 @@ def swarm(tmp_path_factory):
 
 def test_scouts_join_get_spans_and_answer_like_one_process(swarm, server, model_id):
     scout_port = free_port()
-    swarm.add_scout("a", swarm.bootstrap, "--p2p-port", str(scout_port))
-    swarm.add_scout("b", None)
+    swarm.add("a", "--p2p-port", str(scout_port))
+    swarm.add("b", bootstrap=None)  # it learns the Oracle's address from /swarm
     status = swarm.oracle.wait_for("two serving Scouts", lambda st: len(serving(st)) == 2 and st)
     assert sorted(tuple(s["span"]) for s in serving(status)) == [(0, 15), (15, 30)]
     assert status["coverage"] == [1] * 30
@@ -74,15 +45,15 @@ def test_scouts_join_get_spans_and_answer_like_one_process(swarm, server, model_
         assert s["announced_state"] == "serving" and s["assigned_span"] == s["span"] and s["p2p_connected"]
         assert s["throughput"] > 0 and s["memory_bytes"] > 0 and s["heartbeat_age_s"] < 2
     assert answers(swarm.oracle.url, model_id) == answers(server, model_id)
-    log = open(swarm.scouts[0].log_path).read()
+    log = open(swarm.scouts["a"].log_path).read()
     assert "downloading shards" in log or "serving blocks" in log  # fetched from the Oracle's /shards
 
 
 def test_a_scout_finds_the_oracle_through_the_dht_and_becomes_a_replica(swarm):
     """The third Scout is told only Scout a's address."""
-    a = swarm.scouts[0]
+    a = swarm.scouts["a"]
     a_p2p = next(line.split("libp2p: ", 1)[1].strip() for line in open(a.log_path) if "libp2p: " in line)
-    c = swarm.add_scout("c", a_p2p)
+    c = swarm.add("c", bootstrap=a_p2p)
     status = swarm.oracle.wait_for("a third serving Scout", lambda st: len(serving(st)) == 3 and st, timeout=90)
     assert sorted(status["coverage"]) == [1] * 15 + [2] * 15  # one span replicated
     mine = next(s for s in status["scouts"] if s["peer_id"] == c.address.peer_id)
@@ -101,20 +72,18 @@ def test_killing_the_scout_a_stream_runs_through_keeps_the_output(swarm, server,
             pieces.append(chunk.choices[0].delta.content or "")
         if i == 5:
             carrier = next(s for s in swarm.oracle.status()["scouts"] if tuple(s["span"] or ()) == replicated and s["sessions"] > 0)
-            killed = next(s for s in swarm.scouts if s.address.peer_id == carrier["peer_id"])
+            killed = next(s for s in swarm.scouts.values() if s.address.peer_id == carrier["peer_id"])
             killed.proc.kill()
     assert "".join(pieces) == expected.choices[0].message.content
     status = swarm.oracle.wait_for("the dead Scout", lambda st: any(s["peer_id"] == killed.address.peer_id and s["state"] == "dead"
                                                                     for s in st["scouts"]) and st)
     assert status["failovers"] >= 1 and status["coverage"] == [1] * 30
-    swarm.scouts.remove(killed)
     killed.stop()
 
 
 def test_scouts_come_back_to_a_restarted_oracle(swarm, server, model_id):
     before = {s["peer_id"]: s["span"] for s in serving(swarm.oracle.status())}
-    swarm.oracle.stop()
-    swarm.oracle = swarm.start_oracle()
+    swarm.restart_oracle()
     status = swarm.oracle.wait_for("the Scouts to return", lambda st: len(serving(st)) == len(before) and st, timeout=90)
     assert {s["peer_id"]: s["span"] for s in serving(status)} == before  # adopted as they were, nothing reloaded
     assert answers(swarm.oracle.url, model_id)[:1] == answers(server, model_id)[:1]

@@ -14,6 +14,7 @@ python scripts/demo_request.py "http://127.0.0.1:$port" "$SHARD_ADMIN_KEY" "${1:
 cat <<MSG
 The Oracle is serving an OpenAI-compatible API at http://127.0.0.1:$port/v1
 Admin key: $SHARD_ADMIN_KEY
+Dashboard: http://127.0.0.1:$port/dashboard?key=$SHARD_ADMIN_KEY
 Try: curl http://127.0.0.1:$port/v1/chat/completions -H "Authorization: Bearer \$KEY" \\
        -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 Ctrl-C stops it.

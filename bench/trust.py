@@ -1,6 +1,6 @@
 """How fast golden tickets catch lying Scouts, what reaches clients meanwhile, and what auditing
 costs — with real processes: an Oracle over libp2p, honest Scouts, and one Scout started with
-``--inject-faults corrupt=C`` as the only server of blocks 0..15.
+``--inject-faults corrupt=C`` as the only server of half of the blocks.
 
 For every ticket rate R and corruption rate C, ``--trials`` times: greedy requests (8 tokens) one
 after another until the liar is quarantined (or ``--budget`` requests): the liar's forwards until
@@ -92,14 +92,14 @@ def detection(root: Path, rate: float, corruption: float, trials: int, budget: i
     results = []
     try:
         for trial in range(trials):
-            # The liar joins into the hole a stopped honest Scout left: it alone serves blocks 0..15.
+            # The liar joins into the hole a stopped honest Scout left: it alone serves those blocks.
             honest_a = scout(root, f"a-{port}-{trial}", oracle)
             wait(lambda: oracle.status()["coverage"] == [1] * 30)
             honest_a.stop()
-            wait(lambda: oracle.status()["coverage"][0] == 0)
+            wait(lambda: 0 in oracle.status()["coverage"])
             liar = scout(root, f"liar-{port}-{trial}", oracle, "--inject-faults", f"corrupt={corruption}")
-            wait(lambda: (s := oracle.scout(liar.address.peer_id)) and s["state"] == "active" or
-                 oracle.status()["coverage"] == [1] * 30)
+            # Serving, or already caught by the ticket every newcomer gets at once.
+            wait(lambda: (s := oracle.scout(liar.address.peer_id)) and s["state"] in ("active", "spare", "quarantined", "refused"))
             wrong, sent, forwards, caught = 0, 0, 0, False
             while sent < budget:
                 q = QUESTIONS[sent % len(QUESTIONS)]

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TicketPolicy:
     rate: float = 0.03  # fraction of a Scout's forwards followed by a ticket
-    probation: int = 3  # a new Scout's first forwards each get one
+    probation: int = 3  # a new Scout's first forwards are mirrored: checked by the Oracle before use
     idle_seconds: float = 60.0
     quarantined_seconds: float = 2.0
     tolerance: float = 0.05  # relative L2 error; honest Scouts measured 0 (same kernels) to 0.012 (fp32 activations)
@@ -59,7 +59,6 @@ class Auditor:
         self.policy = policy or TicketPolicy()
         # Recent real prompts as embedded rows (inputs to block 0), newest last; tickets reuse them.
         self.samples: list[torch.Tensor] = [p[: self.policy.max_tokens].float() for p in fallback_prompts or []]
-        self.forwards: dict[str, int] = {}
         self.last_ticket: dict[str, float] = {}
         self.passed = self.failed = 0
         self.errors: list[float] = []  # relative errors of passed tickets (calibration, newest last)
@@ -83,8 +82,6 @@ class Auditor:
         material for future tickets); maybe follow it with a ticket."""
         if prompt_rows is not None and len(prompt_rows) > 1:
             self.samples = (self.samples + [prompt_rows[: self.policy.max_tokens].float()])[-16:]
-        peer = scout.address.peer_id
-        self.forwards[peer] = self.forwards.get(peer, 0) + 1
         if self._random.random() < self.policy.rate:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, scout)
 

@@ -90,14 +90,11 @@ class StateCollector:
             return
         status = swarm.status()
         states: dict[str, int] = {}
-        coverage = [0] * state.n_layers
         for scout in status["scouts"]:
             states[scout["state"]] = states.get(scout["state"], 0) + 1
-            if scout["state"] in ("active", "spare") and scout.get("role", "span") == "span" and scout["span"]:
-                for b in range(*scout["span"]):
-                    coverage[b] += 1
         yield labelled("shard_scouts", "Scouts by state", "state", states)
-        yield labelled("shard_block_coverage", "Live Scouts serving each block", "block", {str(b): n for b, n in enumerate(coverage)})
+        yield labelled("shard_block_coverage", "Live Scouts serving each block", "block",
+                       {str(b): n for b, n in enumerate(status["coverage"])})
         yield gauge("shard_failovers", "Hops replaced after a Scout failed", status["failovers"])
         tickets = status.get("tickets") or {}
         yield labelled("shard_golden_tickets", "Golden tickets and probation checks by result", "result",

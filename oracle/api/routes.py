@@ -337,13 +337,7 @@ async def cluster_status(request: web.Request) -> web.Response:
         body = ClusterStatus(mode="local", oracle_peer_id=None, wire_dtype=None, coverage=[1] * state.n_layers, chain=[], local_spans=[(0, state.n_layers)],
                              scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.local.kv.sessions), **common)
     else:
-        swarm = state.swarm.status()
-        coverage = [0] * state.n_layers
-        for scout in swarm["scouts"]:
-            if scout["state"] in ("active", "spare") and scout.get("role", "span") == "span":
-                for block in range(*scout["span"]):
-                    coverage[block] += 1
-        body = ClusterStatus(mode="swarm", coverage=coverage, **swarm, **common)
+        body = ClusterStatus(mode="swarm", **state.swarm.status(), **common)
     return web.json_response(text=body.model_dump_json())
 
 

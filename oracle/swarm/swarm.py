@@ -218,7 +218,13 @@ class Swarm:
                 span = info["announced_span"] or info["assigned_span"]
                 scouts.append({"peer_id": peer, "address": None, "span": span, "state": state, "sessions": 0,
                                "requests": 0, **info})
+        coverage = [0] * self.n_layers  # live span Scouts serving each block
+        for s in scouts:
+            if s["state"] in ("active", "spare") and s.get("role", "span") == "span" and s["span"]:
+                for b in range(*s["span"]):
+                    coverage[b] += 1
         return {
+            "coverage": coverage,
             "oracle_peer_id": self.identity.peer_id,
             "oracle_multiaddrs": self.control.node.addrs if self.control else [],
             "wire_dtype": self.wire_dtype,

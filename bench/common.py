@@ -12,11 +12,56 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
+    """This process's resident memory."""
+    rss = _rss_mb_of("self")
+    return float("nan") if rss is None else rss
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _rss_mb_of(pid: int | str) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    except OSError:
+        return None
+    return None
+
+
+def process_tree_rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of an Oracle and its children (local Scouts, embedded Redis), by role:
+    {"oracle": MB, "scout-0": MB, ..., "redis": MB}."""
+    out: dict[str, float] = {}
+    todo, scouts = [pid], 0
+    while todo:
+        p = todo.pop(0)
+        rss = _rss_mb_of(p)
+        if rss is None:
+            continue
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if p == pid:
+            name = "oracle"
+        elif "scout.cli" in cmdline or "shard-scout" in cmdline:
+            name, scouts = f"scout-{scouts}", scouts + 1
+        elif "redis-server" in cmdline:
+            name = "redis"
+        else:
+            name = f"pid-{p}"
+        out[name] = rss
+        todo += _children(p)
+    return out
 
 
 def machine() -> dict:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="start this many Scout processes on this machine; they join over libp2p and get spans like remote ones")
     add_option(serve, "--local-draft-scouts", default=0, type=int,
                help="start this many draft Scouts on this machine (the whole model, proposing tokens for --speculative scout/auto)")
+    add_option(serve, "--hop-timeout", default=20.0, type=float,
+               help="seconds a Scout may take to answer one request; past it the Scout counts as dead for that step, "
+               "its sessions move to a replica, and it is left alone for 10 s (doubling while it keeps timing out)")
     add_option(serve, "--draft-deadline", default=2.0, type=float,
                help="seconds to wait for a draft Scout's proposal before using prompt lookup for that step")
     add_option(serve, "--swarm-secret", default=None, help="private swarm: Scouts must prove they know this secret to join")

@@ -6,6 +6,7 @@ SPEC is comma-separated ``name=value``:
   noise=S      add Gaussian noise of S times each output's standard deviation to every output
   skip=1       return the input unchanged (a lazy Scout skipping its blocks)
   delay_ms=D   answer every request D milliseconds late
+  hang=1       accept connections and requests but never answer (the Oracle must time out)
   draft=random a draft Scout proposing random tokens
 """
 
@@ -15,7 +16,7 @@ import random
 
 import torch
 
-KNOWN = {"corrupt", "noise", "skip", "delay_ms", "draft"}
+KNOWN = {"corrupt", "noise", "skip", "delay_ms", "draft", "hang"}
 
 
 class FaultInjector:
@@ -30,6 +31,7 @@ class FaultInjector:
         self.noise = float(self.settings.get("noise", 0))
         self.skip = self.settings.get("skip") == "1"
         self.delay_s = float(self.settings.get("delay_ms", 0)) / 1000
+        self.hang = self.settings.get("hang") == "1"
         self.random_drafts = self.settings.get("draft") == "random"
         self._random = random.Random(seed)
         self.injected = 0

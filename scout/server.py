@@ -113,6 +113,9 @@ class SpanServer:
                 kind, message, body = await read_frame(reader)
                 if self.span is not span:
                     break  # the Scout moved to another span: this connection's sessions are gone
+                if self.faults.hang:
+                    self.faults.injected += 1
+                    continue
                 reply_kind, reply, reply_body = await self._dispatch(span, kind, message, body, sessions)
                 if self.simulate_latency_s or self.faults.delay_s:
                     await asyncio.sleep(self.simulate_latency_s + self.faults.delay_s)

@@ -343,6 +343,7 @@ class ScoutStatus(Schema):
     span: tuple[int, int] | None
     state: Literal["active", "spare", "joining", "quarantined", "refused", "dead"]
     reputation: str | None = None  # active / quarantined / banned, from golden tickets
+    cooldown_s: float | None = None  # it stopped answering: seconds until it is tried again
     role: Literal["span", "draft"] = "span"  # draft: proposes tokens for speculative decoding
     refused: str | None = None  # why the Oracle will not use it
     sessions: int = 0  # sessions the Oracle routes through it

@@ -102,7 +102,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, manifest: Path,
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
     tokenizer = Tokenizer(weights.tokenizer)
     swarm = Swarm(identity, n_layers, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
-                  weights.tokenizer.vocab_digest(), args.draft_deadline)
+                  weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout)
     if args.ticket_rate > 0:
         policy = TicketPolicy(rate=args.ticket_rate, probation=args.ticket_probation, idle_seconds=args.ticket_idle_seconds,
                               tolerance=args.ticket_tolerance)

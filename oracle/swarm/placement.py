@@ -5,7 +5,8 @@ uncovered blocks (so spans stay back to back and chains can be formed); once eve
 covered, it replicates the span with the least throughput behind it (strengthening the weakest
 part of the chain). When a Scout leaves a hole, a Scout whose blocks are all served by others too
 moves into the hole. Scouts keep the span they already serve whenever it still fits, so an
-Oracle that restarts adopts the swarm as it finds it, and running sessions are left alone.
+Oracle that restarts adopts the swarm as it finds it, and running sessions are left alone; idle
+Scouts on a span replicated twice more than the weakest one move to it.
 """
 
 from __future__ import annotations
@@ -90,4 +91,25 @@ def plan(n_layers: int, candidates: list[Candidate], current: dict[str, Span], s
             break
         mover = min(redundant, key=lambda c: (c.busy, c.throughput, c.peer_id))
         assigned[mover.peer_id] = gap[0], min(gap[1], gap[0] + length_of(mover))
+    _rebalance(n_layers, assigned, by_id, length_of)
     return assigned
+
+
+def _rebalance(n_layers: int, assigned: dict[str, Span], by_id: dict[str, Candidate], length_of) -> None:
+    """Lopsided replication (an Oracle restart adopts spans as it finds them; deaths and returns
+    pile replicas up on one span): while some idle Scout's blocks are all served at least twice
+    more than the least-served block, move it there. Only idle Scouts move: a rebalance must not
+    cost a running session its replay. Each move raises the minimum or shrinks the surplus, so
+    this ends; the bound is a guard."""
+    for _ in range(len(assigned)):
+        counts = coverage(list(assigned.values()), n_layers)
+        low = min(counts)
+        movable = [by_id[p] for p, (s, e) in assigned.items() if not by_id[p].busy and min(counts[s:e]) >= low + 2]
+        if not movable:
+            return
+        mover = min(movable, key=lambda c: (c.throughput, c.peer_id))
+        weakest = counts.index(low)
+        # Join the span that already covers the weakest block, so the new replica abuts its neighbours.
+        target = min((s for p, s in assigned.items() if s[0] <= weakest < s[1] and p != mover.peer_id),
+                     key=lambda s: (s[1] - s[0] > length_of(mover), s), default=(weakest, weakest + 1))
+        assigned[mover.peer_id] = target[0], min(target[1], target[0] + length_of(mover))

@@ -57,7 +57,10 @@ class ScoutAddress:
 
 
 class ScoutConnection:
-    """One authenticated connection; requests are sent one at a time (the engine steps serially)."""
+    """One authenticated connection; requests are sent one at a time (the engine steps serially).
+    A request unanswered after ``timeout`` seconds (``serve --hop-timeout``) kills the connection."""
+
+    HANDSHAKE_SECONDS = 10.0
 
     def __init__(self, address: ScoutAddress, identity: Identity, timeout: float = 30.0):
         self.address = address
@@ -69,6 +72,7 @@ class ScoutConnection:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self.dead = False
+        self.timed_out = False  # it stopped answering (rather than closing): the Swarm backs off from it
         self.requests = 0
         self.last_ms = 0.0
         # Forward statistics: round trips vs the Scout's own compute time give the per-hop overhead.
@@ -89,15 +93,17 @@ class ScoutConnection:
 
     async def open(self) -> "ScoutConnection":
         a = self.address
-        self._reader, self._writer, _ = await connect(a.host, a.port, self.identity, a.peer_id, self.timeout)
-        kind, welcome, _ = await asyncio.wait_for(read_frame(self._reader), self.timeout)
+        handshake = min(self.timeout, self.HANDSHAKE_SECONDS)
+        self._reader, self._writer, _ = await connect(a.host, a.port, self.identity, a.peer_id, handshake)
+        kind, welcome, _ = await asyncio.wait_for(read_frame(self._reader), handshake)
         if kind != Kind.WELCOME:
             raise ScoutError(f"{a.peer_id} answered the handshake with {kind.name}")
         self.welcome = welcome
         return self
 
     async def close(self) -> None:
-        if self._writer is not None:
+        # Closing an SSL stream twice leaves it unable even to refuse a write: close once.
+        if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
 
     @property
@@ -108,6 +114,9 @@ class ScoutConnection:
         if self.dead:
             raise ScoutUnreachable(f"Scout {self.address.peer_id} is gone")
         async with self._lock:
+            if self.dead or self._writer.is_closing():  # closed while this request waited for the lock
+                self.dead = True
+                raise ScoutUnreachable(f"Scout {self.address.peer_id} is gone")
             message.id = next(self._ids)
             started = time.perf_counter()
             try:
@@ -118,7 +127,8 @@ class ScoutConnection:
                 self.last_used = time.monotonic()
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 self.dead = True
-                self._writer.close()
+                self.timed_out = isinstance(e, asyncio.TimeoutError)
+                await self.close()
                 raise ScoutUnreachable(f"Scout {self.address.peer_id} failed: {e!r}") from e
         if reply.id != message.id:
             raise ScoutError(f"Scout {self.address.peer_id} answered request {reply.id}, expected {message.id}")
@@ -150,8 +160,8 @@ class ScoutConnection:
     async def free(self, session: str) -> None:
         await self._request(Kind.CLOSE, Close(session=session))
 
-    async def ping(self) -> None:
-        await self._request(Kind.PING, Ping())
+    async def ping(self, timeout: float | None = None) -> None:
+        await self._request(Kind.PING, Ping(), timeout=timeout)
 
     async def draft(self, request: Draft, timeout: float) -> Drafted:
         """k proposals from a draft Scout; past ``timeout`` the connection is given up (a frame
@@ -295,26 +305,29 @@ class RemotePipeline:
         except NoRoute as e:
             raise ScoutUnreachable(f"no route through the swarm: {e}") from None
 
+    def _wait_for_path(self, start: int, end: int, why: str) -> list:
+        """A path over blocks [start, end), waiting up to ``reroute_seconds`` for one to appear
+        (a replica finishing its load, a restarted Scout coming back)."""
+        deadline = time.monotonic() + self.reroute_seconds
+        while True:
+            try:
+                return self.path(start, end)
+            except ScoutUnreachable as e:
+                if time.monotonic() > deadline:
+                    raise ScoutUnreachable(f"{e} ({why}; waited {self.reroute_seconds:.0f} s)") from None
+                time.sleep(0.25)
+
     def _route_of(self, r: SpanRequest) -> list:
         route = self.routes.get(r.session)
         if route is None:
-            route = self.routes[r.session] = self.path()
+            route = self.routes[r.session] = self._wait_for_path(0, self.n_layers, "a new session")
             if r.start > 0:  # a session we lost track of: rebuild it everywhere from its history
                 self.stale.update((r.session, hop) for hop in route)
         return route
 
     def _reroute(self, dead) -> None:
         """Give every session routed through ``dead`` a replacement for its blocks."""
-        deadline = time.monotonic() + self.reroute_seconds
-        while True:
-            try:
-                replacement = self.path(*dead.span)
-                break
-            except ScoutUnreachable:
-                if time.monotonic() > deadline:
-                    raise ScoutUnreachable(f"no Scout left for blocks [{dead.span[0]}, {dead.span[1]}) after "
-                                           f"{dead.address.peer_id} failed") from None
-                time.sleep(0.25)
+        replacement = self._wait_for_path(*dead.span, f"no Scout left after {dead.address.peer_id} failed")
         moved = 0
         for session, route in self.routes.items():
             if dead in route:

@@ -33,11 +33,18 @@ log = logging.getLogger(__name__)
 class Swarm:
     RETRY_SECONDS = 0.5
     PING_IDLE_SECONDS = 2.0
+    PING_TIMEOUT_SECONDS = 5.0
+    # A Scout that stopped answering is left alone this long before it is tried again (doubling
+    # while it keeps timing out): each retry would cost a session's step a whole --hop-timeout.
+    COOLDOWN_SECONDS = (10.0, 300.0)
 
     def __init__(self, identity: Identity, n_layers: int, addresses: list[ScoutAddress] | None = None,
                  control: OracleControl | None = None, wire_dtype: str = "float32", fill: LocalFactory | None = None,
-                 vocab_size: int = 0, vocab_digest: str | None = None, draft_deadline_seconds: float = 2.0):
+                 vocab_size: int = 0, vocab_digest: str | None = None, draft_deadline_seconds: float = 2.0,
+                 hop_timeout_seconds: float = 20.0):
         self.identity = identity
+        self.hop_timeout_seconds = hop_timeout_seconds
+        self.cooldown: dict[ScoutAddress, tuple[float, float]] = {}  # address -> (until, length)
         self.n_layers = n_layers
         self.vocab_size = vocab_size
         self.vocab_digest = vocab_digest
@@ -130,16 +137,19 @@ class Swarm:
                 log.warning("dropping Scout %s: %s", c.address.peer_id, "it no longer serves" if span == "gone" else f"moved to {span}")
                 c.dead = True
                 await c.close()
+        self._cool_down_unresponsive()
         live = {c.address for c in self.connections if not c.dead}
-        for address, span in wanted.items():
-            if address in live or self._banned_reason(address.peer_id):
-                continue
-            try:
-                conn = await ScoutConnection(address, self.identity).open()
-            except Exception as e:  # unreachable, wrong identity, bad handshake: try again later
-                if failures.get(address) != str(e):
-                    log.warning("cannot use Scout %s: %s", address, e)
-                failures[address] = str(e)
+        now = time.monotonic()
+        todo = [(a, span) for a, span in wanted.items() if a not in live and not self._banned_reason(a.peer_id)
+                and self.cooldown.get(a, (0.0, 0.0))[0] <= now]
+        # Concurrently: one Scout that accepts but never answers must not hold up the others.
+        opened = await asyncio.gather(*(ScoutConnection(a, self.identity, self.hop_timeout_seconds).open() for a, _ in todo),
+                                      return_exceptions=True)
+        for (address, span), conn in zip(todo, opened):
+            if isinstance(conn, BaseException):  # unreachable, wrong identity, bad handshake: try again later
+                if failures.get(address) != str(conn):
+                    log.warning("cannot use Scout %s: %s", address, conn or repr(conn))
+                failures[address] = str(conn)
                 continue
             failures.pop(address, None)
             if span is not None and conn.span != tuple(span):
@@ -161,17 +171,29 @@ class Swarm:
             self.control.busy = {c.address.peer_id for c in load}
         now = time.monotonic()
         reserved = set(self.drafter.reserved.values()) if self.drafter else set()
-        for c in [c for c in self.connections if not c.dead]:
-            if c not in load and c not in reserved and now - c.last_used > self.PING_IDLE_SECONDS:
-                try:
-                    await c.ping()
-                except ScoutError:
-                    log.warning("idle Scout %s is gone", c.address.peer_id)
+        idle = [c for c in self.connections if not c.dead and c not in load and c not in reserved
+                and now - c.last_used > self.PING_IDLE_SECONDS]
+        for c, result in zip(idle, await asyncio.gather(*(c.ping(self.PING_TIMEOUT_SECONDS) for c in idle), return_exceptions=True)):
+            if isinstance(result, ScoutError):
+                log.warning("idle Scout %s is gone", c.address.peer_id)
         try:
             self.pipeline.path()
             self.problem = ""
         except ScoutUnreachable as e:
             self.problem = str(e)
+
+    def _cool_down_unresponsive(self) -> None:
+        now = time.monotonic()
+        for c in self.connections:
+            if c.dead and c.timed_out:
+                c.timed_out = False
+                shortest, longest = self.COOLDOWN_SECONDS
+                length = min(longest, max(shortest, 2 * self.cooldown.get(c.address, (0.0, 0.0))[1]))
+                self.cooldown[c.address] = (now + length, length)
+                log.warning("Scout %s stopped answering (no reply within %.0f s); not using it for %.0f s",
+                            c.address.peer_id, c.timeout, length)
+            elif not c.dead and c.forwards and c.address in self.cooldown and self.cooldown[c.address][0] <= now:
+                del self.cooldown[c.address]  # answering again: a later timeout starts from the shortest pause
 
     @property
     def ready(self) -> bool:
@@ -196,7 +218,7 @@ class Swarm:
         except ScoutUnreachable:
             preferred = []
         registry = self.control.status() if self.control else {}
-        scouts, seen = [], set()
+        scouts, seen, now = [], set(), time.monotonic()
         for c in self.connections:
             if c.dead and c.address.peer_id in seen:
                 continue
@@ -211,6 +233,8 @@ class Swarm:
                            "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
                            "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes,
                            "reputation": self.reputation.state(c.address.peer_id) if self.reputation else None,
+                           "cooldown_s": round(self.cooldown[c.address][0] - now, 1)
+                           if c.address in self.cooldown and self.cooldown[c.address][0] > now else None,
                            **info})
         for peer, info in registry.items():
             if peer not in seen:  # announced but not (yet) serving: idle, loading, or dead

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 import requests
 
@@ -38,6 +39,22 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0, ready: 
 
 
 ADMIN_KEY = "sk-oracle-test-admin-" + "x" * 32
+
+
+def cli(*args: str, data_dir=None, redis_url=None) -> subprocess.CompletedProcess:
+    """``shard-oracle keys ...`` against an Oracle's data dir (its embedded Redis) or a Redis URL."""
+    where = ["--redis-url", redis_url] if redis_url else ["--data-dir", str(data_dir)]
+    return subprocess.run([sys.executable, "-m", "oracle.cli", "keys", *args, *where], capture_output=True, text=True, timeout=60)
+
+
+def create_key(name: str, *flags: str, **where) -> str:
+    out = cli("create", "--name", name, *flags, **where)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
 class OracleProcess:

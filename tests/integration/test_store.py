@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import openai
@@ -14,24 +13,9 @@ import requests
 
 from oracle.store.redis_server import redis_binary
 
-from .conftest import ADMIN_KEY, OracleProcess, free_port
+from .conftest import ADMIN_KEY, OracleProcess, cli, client, create_key, free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def cli(*args: str, data_dir=None, redis_url=None) -> subprocess.CompletedProcess:
-    where = ["--redis-url", redis_url] if redis_url else ["--data-dir", str(data_dir)]
-    return subprocess.run([sys.executable, "-m", "oracle.cli", "keys", *args, *where], capture_output=True, text=True, timeout=60)
-
-
-def create_key(name: str, *flags: str, **where) -> str:
-    out = cli("create", "--name", name, *flags, **where)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
 class RedisProcess:

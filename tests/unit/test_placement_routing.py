@@ -85,6 +85,19 @@ def test_a_restarted_oracle_adopts_what_scouts_already_serve():
     assert plan(20, [Candidate("a", 100, serving=(11, 30))], {})["a"] == (0, 20)
 
 
+def test_lopsided_replication_is_evened_out_by_idle_scouts_only():
+    # What a restarted Oracle found after a wave of deaths: three replicas of one half, one of the other.
+    found = [Candidate("a", 100, serving=(0, 15)), Candidate("b", 100, serving=(0, 15), busy=True),
+             Candidate("c", 100, serving=(0, 15)), Candidate("d", 100, serving=(15, 30))]
+    assigned = plan(30, found, {}, span_limit=15)
+    assert sorted(assigned.values()) == [(0, 15), (0, 15), (15, 30), (15, 30)]
+    assert assigned["b"] == (0, 15)  # the busy one kept its sessions
+    assert plan(30, found, assigned, span_limit=15) == assigned  # settled: no further moves
+    # A surplus of one is not worth a reload.
+    three = [Candidate("a", 100, serving=(0, 15)), Candidate("b", 100, serving=(0, 15)), Candidate("d", 100, serving=(15, 30))]
+    assert plan(30, three, {}, span_limit=15) == {"a": (0, 15), "b": (0, 15), "d": (15, 30)}
+
+
 # ---- routing -----------------------------------------------------------------------------------
 
 def hop(start, end, name, cost=1.0):

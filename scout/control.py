@@ -12,7 +12,7 @@ from shard_common.identity import Identity
 from shard_common.model.span import Span
 from shard_common.p2p.announcements import (
     ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, Capabilities, OracleAnnouncement, ScoutAnnouncement,
-    decode, encode, proof_problem, prove,
+    decode, encode, proof_problem, prove, replayed,
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
@@ -131,6 +131,9 @@ class ScoutControl:
             if sender not in self._ignored:
                 log.warning("ignoring Oracle %s: %s", sender, problem)
                 self._ignored.add(sender)
+            return
+        if self.oracle is not None and self.oracle.peer_id == sender and replayed(a, self.oracle):
+            log.info("ignored a replayed announcement of Oracle %s (seq %d, last %d)", sender, a.seq, self.oracle.seq)
             return
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)

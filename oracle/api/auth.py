@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -34,13 +35,17 @@ def presented_key(request: web.Request) -> str | None:
 class Authenticator:
     """Verified keys are cached for ``cache_seconds`` (so a revocation reaches every replica within
     that time); while Redis is unreachable, a key verified within ``outage_grace`` still works and
-    any other gets a 503."""
+    any other gets a 503. Keys are only ever handled as SHA-256 digests: a presented key is looked
+    up by its digest (here and in Redis), never compared character by character with a stored
+    one, so response timing says nothing about how much of a guess was right."""
 
-    def __init__(self, keys: KeyStore, cache_seconds: float = 5.0, outage_grace: float = 600.0):
+    def __init__(self, keys: KeyStore, cache_seconds: float = 5.0, outage_grace: float = 600.0, max_cached: int = 10_000):
         self.keys = keys
         self.cache_seconds = cache_seconds
         self.outage_grace = outage_grace
-        self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+        # Bounded, least recently verified out first: a flood of made-up keys cannot grow it.
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
 
     async def verify(self, secret: str | None) -> ApiKey:
         if not secret:
@@ -50,6 +55,7 @@ class Authenticator:
         now = time.monotonic()
         if cached is not None and now - cached[1] < self.cache_seconds:
             key = cached[0]
+            self._cache.move_to_end(digest)
         else:
             try:
                 key = await self.keys.lookup(secret)
@@ -60,6 +66,9 @@ class Authenticator:
                 raise APIError(503, "Cannot verify API keys right now (the key store is unreachable). Retry shortly.",
                                type="server_error", code="auth_unavailable", headers={"Retry-After": "2"}) from e
             self._cache[digest] = (key, now)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
         if key is None:
             raise invalid_key()
         return key

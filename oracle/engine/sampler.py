@@ -84,7 +84,9 @@ class SequenceSampler:
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
+            drop = before >= p.top_p
+            drop[0] = False  # the likeliest token always stays: a top_p that is 0 in float32 (5e-324) masked all
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             probs = probs / probs.sum()
         return probs

@@ -12,7 +12,7 @@ from typing import Callable
 from shard_common.identity import Identity
 from shard_common.p2p.announcements import (
     ORACLE_DHT_KEY, ORACLE_TOPIC, SCOUT_TOPIC, AnnouncementError, OracleAnnouncement, ScoutAnnouncement, decode, encode,
-    proof_problem, prove,
+    proof_problem, prove, replayed,
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
@@ -98,8 +98,9 @@ class OracleControl:
             self._joined = True
             self._changed.set()
             return
-        if a.seq < record.announcement.seq and a.sent_at <= record.announcement.sent_at:
-            return  # a late duplicate relayed by another peer
+        if replayed(a, record.announcement):
+            log.info("ignored a replayed announcement of Scout %s (seq %d, last %d)", sender, a.seq, record.announcement.seq)
+            return
         if (a.state, a.span) != (record.announcement.state, record.announcement.span):
             self._changed.set()
         record.announcement, record.last_seen, record.refused = a, time.monotonic(), refusal

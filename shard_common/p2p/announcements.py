@@ -95,6 +95,13 @@ def proof_problem(secret: str | None, a: Announcement) -> str | None:
     return None
 
 
+def replayed(new: Announcement, last: Announcement) -> bool:
+    """``new`` is no newer than ``last`` from the same peer: a late relay or a replay. Ignored, so
+    a replayed heartbeat cannot keep a dead Scout alive nor an old Oracle announcement move a Scout
+    (a restarted node counts from 1 again, but its clock has moved on)."""
+    return new.seq <= last.seq and new.sent_at <= last.sent_at
+
+
 def encode(message: Announcement) -> bytes:
     data = message.model_dump_json().encode()
     if len(data) > MAX_MESSAGE_BYTES:

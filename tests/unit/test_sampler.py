@@ -47,6 +47,10 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.allclose(probs, torch.tensor([1.0, 0.0, 0.0]))
     probs = SequenceSampler(SamplingParams(top_p=0.8), 3).probabilities(torch.log(torch.tensor([0.6, 0.3, 0.1])))
     assert torch.allclose(probs, torch.tensor([2 / 3, 1 / 3, 0.0]))
+    # The API's minimum (top_p > 0) can be below float32's smallest number: still a distribution.
+    tiny = SequenceSampler(SamplingParams(top_p=5e-324, seed=0), 3)
+    assert torch.equal(tiny.probabilities(torch.log(torch.tensor([0.3, 0.6, 0.1]))), torch.tensor([0.0, 1.0, 0.0]))
+    assert tiny.choose(torch.log(torch.tensor([0.3, 0.6, 0.1]))).token == 1
 
 
 def test_top_k():

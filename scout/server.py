@@ -120,10 +120,10 @@ class SpanServer:
                 if self.simulate_latency_s or self.faults.delay_s:
                     await asyncio.sleep(self.simulate_latency_s + self.faults.delay_s)
                 await write_frame(writer, reply_kind, reply, reply_body)
+        except (FrameError, HandshakeError) as e:  # before ConnectionError: a HandshakeError is one
+            log.warning("dropping connection from %s: %s", peer, e)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
-        except (FrameError, HandshakeError) as e:
-            log.warning("dropping connection from %s: %s", peer, e)
         except Exception:  # a bug here must cost one connection, never the server
             log.exception("error serving %s", peer)
         finally:

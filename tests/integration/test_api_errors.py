@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
 import requests
 
-from .conftest import ADMIN_KEY
+from .conftest import ADMIN_KEY, create_key
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -131,3 +132,38 @@ def test_many_bad_requests_in_parallel_do_not_kill_the_server(server, model_id):
         t.join()
     assert errors == []
     assert requests.get(server + "/health", timeout=5).status_code == 200
+
+
+def test_hostile_bodies_are_bounded_and_answered_with_400_or_413(server, model_id):
+    path = "/v1/chat/completions"
+    assert_error(post(server, path, chat(model_id, stop=[f"s{i}" for i in range(5000)])), 400, param="stop")
+    assert_error(post(server, path, chat(model_id, logit_bias={str(i): 1 for i in range(5000)})), 400, param="logit_bias")
+    assert_error(post(server, path, chat(model_id, max_tokens=10**12)), 400, "context_length_exceeded")
+    assert_error(post(server, path, raw=f'{{"model": "{model_id}", "messages": [], "max_tokens": 1e999}}'.encode()), 400)
+    assert_error(post(server, path, chat(model_id, n=10**30)), 400, param="n")
+    nested = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": ' + b"[" * 200000 + b"]" * 200000 + b"}"
+    assert_error(post(server, path, raw=nested), 400, "invalid_json")
+    assert_error(post(server, path, raw=b'{"model": "\xff\xfe", "messages": []}'), 400, "invalid_json")
+    # Valid JSON, but a lone surrogate can't be encoded as text: refused, not a tokenizer crash.
+    lone = post(server, path, raw=b'{"model": "' + model_id.encode() + b'", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert lone.status_code in (200, 400), lone.text
+    if lone.status_code == 400:
+        assert_error(lone, 400)
+
+    def chunks():  # no Content-Length: the limit still holds while reading
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = requests.post(server + path, data=chunks(), headers={"Content-Type": "application/json", **AUTH}, timeout=60)
+    assert_error(r, 413, "request_too_large")
+    assert requests.get(server + "/health", timeout=5).json()["ready"] is True
+
+
+def test_operator_routes_need_the_admin_key(server, oracle):
+    user = {"Authorization": f"Bearer {create_key('not-an-admin', data_dir=os.path.dirname(oracle.log_path))}"}
+    for method, path in [("GET", "/v1/cluster/status"), ("GET", "/v1/scouts"), ("GET", "/v1/scouts/bans"),
+                         ("GET", "/v1/scouts/12D3KooWx"), ("POST", "/v1/scouts/12D3KooWx/unban"),
+                         ("POST", "/v1/scouts/12D3KooWx/reset"), ("GET", "/metrics")]:
+        assert_error(requests.request(method, server + path, headers=user, timeout=10), 403, "admin_required")
+        assert_error(requests.request(method, server + path, timeout=10), 401, "invalid_api_key")
+    assert requests.get(server + "/dashboard", params={"key": "sk-oracle-wrong-" + "w" * 32}, timeout=10).status_code == 401

@@ -177,8 +177,10 @@ def test_isolation_between_keys_and_admin_sees_all(two_oracles, shared_redis, mo
         other.chat.completions.delete(mine.id)
     with pytest.raises(openai.NotFoundError):
         other.chat.completions.messages.list(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.update(mine.id, metadata={"owner": "me now"})
     assert mine.id not in [c.id for c in other.chat.completions.list(limit=100)]
-    assert client(a.url, ADMIN_KEY).chat.completions.retrieve(mine.id).id == mine.id
+    assert client(a.url, ADMIN_KEY).chat.completions.retrieve(mine.id).metadata in (None, {})
 
 
 def test_list_pagination_and_filters(two_oracles, shared_redis, model_id):

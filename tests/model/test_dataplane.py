@@ -108,7 +108,7 @@ def test_wrong_peer_id_is_refused(tiny_span, tmp_path):
     run_with_server(tiny_span, tmp_path, body)
 
 
-def test_forged_hello_and_garbage_are_dropped_and_server_survives(tiny_span, tmp_path):
+def test_forged_hello_and_garbage_are_dropped_and_server_survives(tiny_span, tmp_path, caplog):
     async def body(server, ident):
         # A client claiming someone else's peer id without their key.
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client_context())
@@ -135,3 +135,7 @@ def test_forged_hello_and_garbage_are_dropped_and_server_survives(tiny_span, tmp
         await conn.close()
 
     run_with_server(tiny_span, tmp_path, body)
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropping connection")]
+    assert len(dropped) == 4, dropped  # the forged HELLO and each junk frame, each with its reason
+    assert any("failed to prove" in d for d in dropped) and any("unknown message kind" in d for d in dropped)
+    assert any("too large" in d for d in dropped) and any("not a shard frame" in d for d in dropped)

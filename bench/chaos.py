@@ -99,10 +99,14 @@ class Load:
 def summarize(phase: str, records: list[dict], baseline_p99: float | None = None) -> dict:
     ok = [r for r in records if r["ok"]]
     latency = [r["latency"] for r in ok]
-    errors = sorted({r["error"] for r in records if r["error"]})
+    errors: dict[str, int] = {}
+    for r in records:
+        if r["error"]:
+            kind = r["error"].split(":", 1)[0] + (" (no route)" if "no route" in r["error"] else "")
+            errors[kind] = errors.get(kind, 0) + 1
     row = {"phase": phase, "requests": len(records), "failed": len(records) - len(ok),
            "different": sum(1 for r in ok if not r["same"]), "latency_p50_s": pct(latency, 0.5), "latency_p99_s": pct(latency, 0.99),
-           "errors": errors[:5]}
+           "errors": errors}
     if baseline_p99 is not None:
         row["added_p99_s"] = row["latency_p99_s"] - baseline_p99
     return row
@@ -249,7 +253,12 @@ def main() -> None:
             print(f"{name}: {rows[-1]}", flush=True)
             return records
 
-        expected: dict[str, str] = {}
+        # The expected answers: each prompt alone, before any load or fault (also warms every Scout up).
+        probe = Load(url, KEY, model, 1, args.max_tokens)
+        import openai
+
+        warm = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        expected = {p: probe.ask(warm, p, stream=False)[0] for p in PROMPTS}
         phase("baseline", lambda: time.sleep(args.phase_seconds), Load(url, KEY, model, args.clients, args.max_tokens, expected))
 
         def scout_chaos() -> dict:

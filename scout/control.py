@@ -133,7 +133,7 @@ class ScoutControl:
                 self._ignored.add(sender)
             return
         if self.oracle is not None and self.oracle.peer_id == sender and replayed(a, self.oracle):
-            log.info("ignored a replayed announcement of Oracle %s (seq %d, last %d)", sender, a.seq, self.oracle.seq)
+            log.debug("ignored a replayed announcement of Oracle %s (seq %d, last %d)", sender, a.seq, self.oracle.seq)
             return
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)

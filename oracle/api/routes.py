@@ -25,6 +25,15 @@ from .state import STATE, OracleState
 
 
 
+def encodable(body) -> bool:
+    """Whether every string in ``body`` is valid Unicode text (JSON escapes can encode lone surrogates)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 async def parse(request: web.Request, model: type[BaseModel]):
     raw = await request.read()
     try:
@@ -33,6 +42,9 @@ async def parse(request: web.Request, model: type[BaseModel]):
         raise bad_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object", code="invalid_json")
+    if b"\\ud" in raw.lower() and not encodable(body):  # only an escape can smuggle a lone surrogate in
+        raise bad_request("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): "
+                          "that is not text", code="invalid_json")
     try:
         return model.model_validate(body)
     except ValidationError as e:

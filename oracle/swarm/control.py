@@ -99,7 +99,7 @@ class OracleControl:
             self._changed.set()
             return
         if replayed(a, record.announcement):
-            log.info("ignored a replayed announcement of Scout %s (seq %d, last %d)", sender, a.seq, record.announcement.seq)
+            log.debug("ignored a replayed announcement of Scout %s (seq %d, last %d)", sender, a.seq, record.announcement.seq)
             return
         if (a.state, a.span) != (record.announcement.state, record.announcement.span):
             self._changed.set()

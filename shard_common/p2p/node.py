@@ -237,6 +237,7 @@ class P2PNode:
         """Dial every bootstrap peer we are not connected to, forever: that is how a Scout
         finds an Oracle that restarted."""
         import trio
+        from libp2p.peer.id import ID
 
         failures: dict[str, str] = {}
         while True:
@@ -245,6 +246,9 @@ class P2PNode:
                 if address.rsplit("/p2p/", 1)[-1] in connected:
                     continue
                 try:
+                    # This loop's pace is the backoff for bootstrap peers: libp2p's negative cache
+                    # would keep a restarted Oracle undialable for a minute after one failed dial.
+                    self._host.get_network().unblock_peer(ID.from_base58(address.rsplit("/p2p/", 1)[-1]))
                     with trio.fail_after(5):
                         await self._connect(address)
                     log.info("connected to bootstrap peer %s", address)

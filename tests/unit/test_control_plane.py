@@ -46,7 +46,7 @@ def test_a_replayed_heartbeat_neither_rolls_a_scout_back_nor_keeps_it_alive(capl
     control._on_scout(scout, encode(heartbeat(scout, 5, now, span=(15, 30), state="serving")))
     record = control.scouts[scout]
     record.last_seen -= 60  # it went quiet
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     for replay in (old, heartbeat(scout, 5, now, span=(15, 30), state="serving")):
         control._on_scout(scout, encode(replay))
     assert record.announcement.seq == 5 and record.announcement.span == (15, 30)
@@ -85,7 +85,7 @@ def oracle_says(oracle: str, seq: int, sent_at: float, assignments: dict) -> Ora
 def test_a_scout_ignores_garbage_impostors_and_replayed_assignments(scout_control, caplog):
     oracle = Identity.generate().peer_id
     me = scout_control.identity.peer_id
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
 
     async def feed():
         scout_control._on_oracle(oracle, b"{not json")

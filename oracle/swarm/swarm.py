@@ -147,6 +147,9 @@ class Swarm:
                                       return_exceptions=True)
         for (address, span), conn in zip(todo, opened):
             if isinstance(conn, BaseException):  # unreachable, wrong identity, bad handshake: try again later
+                if isinstance(conn, asyncio.TimeoutError):  # it accepts but never completes a handshake
+                    self._cool_down(address, "no handshake")
+                    continue
                 if failures.get(address) != str(conn):
                     log.warning("cannot use Scout %s: %s", address, conn or repr(conn))
                 failures[address] = str(conn)
@@ -182,16 +185,18 @@ class Swarm:
         except ScoutUnreachable as e:
             self.problem = str(e)
 
+    def _cool_down(self, address: ScoutAddress, what: str) -> None:
+        shortest, longest = self.COOLDOWN_SECONDS
+        length = min(longest, max(shortest, 2 * self.cooldown.get(address, (0.0, 0.0))[1]))
+        self.cooldown[address] = (time.monotonic() + length, length)
+        log.warning("Scout %s stopped answering (%s); not using it for %.0f s", address.peer_id, what, length)
+
     def _cool_down_unresponsive(self) -> None:
         now = time.monotonic()
         for c in self.connections:
             if c.dead and c.timed_out:
                 c.timed_out = False
-                shortest, longest = self.COOLDOWN_SECONDS
-                length = min(longest, max(shortest, 2 * self.cooldown.get(c.address, (0.0, 0.0))[1]))
-                self.cooldown[c.address] = (now + length, length)
-                log.warning("Scout %s stopped answering (no reply within %.0f s); not using it for %.0f s",
-                            c.address.peer_id, c.timeout, length)
+                self._cool_down(c.address, f"no reply within {c.timeout:.0f} s")
             elif not c.dead and c.forwards and c.address in self.cooldown and self.cooldown[c.address][0] <= now:
                 del self.cooldown[c.address]  # answering again: a later timeout starts from the shortest pause
 

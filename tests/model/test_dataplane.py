@@ -139,3 +139,19 @@ def test_forged_hello_and_garbage_are_dropped_and_server_survives(tiny_span, tmp
     assert len(dropped) == 4, dropped  # the forged HELLO and each junk frame, each with its reason
     assert any("failed to prove" in d for d in dropped) and any("unknown message kind" in d for d in dropped)
     assert any("too large" in d for d in dropped) and any("not a shard frame" in d for d in dropped)
+
+
+def test_a_listener_that_never_handshakes_times_out(monkeypatch):
+    """Accepting TCP and then saying nothing must cost a bounded wait, not a hung Oracle."""
+    monkeypatch.setattr(ScoutConnection, "HANDSHAKE_SECONDS", 0.5)
+
+    async def main():
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await ScoutConnection(ScoutAddress(Identity.generate().peer_id, "127.0.0.1", port), Identity.generate()).open()
+        finally:
+            silent.close()
+
+    asyncio.run(main())

@@ -68,6 +68,7 @@ class OracleControl:
         self._seq = 0
         self._joined = False  # a peer joined since the DHT record was last stored
         self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # disconnects in flight (held so they are not collected)
         self._changed = asyncio.Event()
 
     async def start(self) -> list[str]:
@@ -125,6 +126,19 @@ class OracleControl:
                 record.dead = True
                 self.assignments.pop(peer, None)
                 log.warning("Scout %s is dead: no heartbeat for %.1f s", peer, now - record.last_seen)
+                # libp2p may not have noticed yet, and while it holds the dead peer's pubsub stream it
+                # ignores the streams of that peer's next life: a restarted Scout would go unheard.
+                self._forget(peer)
+
+    def _forget(self, peer: str) -> None:
+        async def disconnect() -> None:
+            try:
+                await self.node.disconnect(peer)
+            except Exception as e:  # already gone: nothing to forget
+                log.debug("disconnecting %s: %r", peer, e)
+
+        self._tasks.add(task := asyncio.get_running_loop().create_task(disconnect()))
+        task.add_done_callback(self._tasks.discard)
 
     def _candidate(self, record: ScoutRecord) -> Candidate:
         a = record.announcement

@@ -108,6 +108,11 @@ class P2PNode:
         """Dial a peer by its full multiaddr; returns its peer id."""
         return await self._call(self._connect, multiaddr)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``: its pubsub state goes with them, so when that
+        peer comes back (a restarted Scout, same peer id) its streams are set up afresh."""
+        await self._call(self._disconnect, peer_id)
+
     def connected_peers(self) -> set[str]:
         if self._host is None:
             return set()
@@ -227,6 +232,13 @@ class P2PNode:
         except Exception as e:  # the routing table refreshes itself later; the connection stands
             log.debug("DHT did not take %s: %r", info.peer_id, e)
         return info.peer_id.to_base58()
+
+    async def _disconnect(self, peer_id: str) -> None:
+        import trio
+        from libp2p.peer.id import ID
+
+        with trio.CancelScope(shield=True):
+            await self._host.disconnect(ID.from_base58(peer_id))
 
     async def _find_providers(self, key: str) -> list[tuple[str, list[str]]]:
         found = await self._dht.find_providers(key)

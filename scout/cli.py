@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--swarm-secret", default=None, help="private swarm: the shared secret the Oracle requires (prove it, and "
                                                         "follow only Oracles that prove it)")
     add_option(p, "--inject-faults", default="", help="TESTING ONLY: misbehave on purpose to test a swarm's defences, e.g. "
-               "corrupt=0.2 | noise=0.1 | skip=1 | delay_ms=200 | draft=random (see scout/faults.py)")
+               "corrupt=0.2 | noise=0.1 | skip=1 | delay_ms=200 | hang=1 | draft=random (see scout/faults.py)")
     add_option(p, "--heartbeat", default=1.0, type=float, help="seconds between announcements")
     add_option(p, "--log-level", default="info", help="debug, info, warning, error")
     add_option(p, "--log-format", default="text", choices=["text", "json"], help="json: one object per line")

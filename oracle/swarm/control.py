@@ -131,13 +131,7 @@ class OracleControl:
                 self._forget(peer)
 
     def _forget(self, peer: str) -> None:
-        async def disconnect() -> None:
-            try:
-                await self.node.disconnect(peer)
-            except Exception as e:  # already gone: nothing to forget
-                log.debug("disconnecting %s: %r", peer, e)
-
-        self._tasks.add(task := asyncio.get_running_loop().create_task(disconnect()))
+        self._tasks.add(task := asyncio.get_running_loop().create_task(self.node.disconnect(peer)))
         task.add_done_callback(self._tasks.discard)
 
     def _candidate(self, record: ScoutRecord) -> Candidate:
@@ -162,7 +156,8 @@ class OracleControl:
         o = self.offer
         return prove(self.swarm_secret, OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
                                   n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes, vocab_digest=o.vocab_digest,
-                                  multiaddrs=self.node.addrs, assignments=self.assignments))
+                                  multiaddrs=self.node.addrs, assignments=self.assignments,
+                                  heard=sorted(p for p, r in self.scouts.items() if not r.dead)))
 
     async def _run(self) -> None:
         last_provide = -self.reprovide_seconds

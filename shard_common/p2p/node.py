@@ -110,8 +110,12 @@ class P2PNode:
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to ``peer_id``: its pubsub state goes with them, so when that
-        peer comes back (a restarted Scout, same peer id) its streams are set up afresh."""
-        await self._call(self._disconnect, peer_id)
+        peer comes back (a restarted Scout, same peer id) its streams are set up afresh.
+        Best effort: a peer already gone is nothing to do."""
+        try:
+            await self._call(self._disconnect, peer_id)
+        except Exception as e:
+            log.debug("disconnecting %s: %r", peer_id, e)
 
     def connected_peers(self) -> set[str]:
         if self._host is None:

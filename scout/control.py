@@ -4,8 +4,8 @@ the span the Oracle assigns, and find the Oracle through the DHT when no bootstr
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
+import time
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -26,7 +26,8 @@ SpanLoader = Callable[[OracleAnnouncement, int, int], Span]
 
 
 class ScoutControl:
-    UNHEARD_SECONDS = 5.0
+    UNHEARD_SECONDS = 5.0  # an Oracle not listing us for this long is reconnected (see _check_heard)
+
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
                  allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0,

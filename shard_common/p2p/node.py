@@ -180,8 +180,11 @@ class P2PNode:
         host, listen = self._make_host()
         # Mesh repair once a second so a restarted peer is back in the mesh within seconds;
         # everything runs on loopback in tests, so the IP-diversity guard would starve the mesh.
+        # A pruned or departed peer may graft again after 5 s, not the default 60: a restarted Scout
+        # (same peer id) must be heard again within seconds.
         gossip = GossipSub(protocols=GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
-                           eclipse_protection_enabled=False, max_messages_per_topic_per_second=200.0)
+                           eclipse_protection_enabled=False, max_messages_per_topic_per_second=200.0,
+                           prune_back_off=5, unsubscribe_back_off=5)
         pubsub = Pubsub(host, gossip)
         async with host.run([listen]):
             dht = KadDHT(host, DHTMode.SERVER)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -26,8 +25,6 @@ SpanLoader = Callable[[OracleAnnouncement, int, int], Span]
 
 
 class ScoutControl:
-    UNHEARD_SECONDS = 5.0  # an Oracle not listing us for this long is reconnected (see _check_heard)
-
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
                  allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0,
@@ -51,7 +48,6 @@ class ScoutControl:
         self._requests_seen = 0
         self._loading: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
-        self._unheard_since: float | None = None  # since when the Oracle's announcements have not listed us
 
     async def start(self) -> list[str]:
         addrs = await self.node.start({ORACLE_TOPIC: self._on_oracle})
@@ -141,9 +137,7 @@ class ScoutControl:
             return
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)
-            self._unheard_since = None
         self.oracle = a
-        self._check_heard(a)
         if self.load_draft is not None:
             if self.server.draft is None and self._loading is None:
                 self._loading = asyncio.get_running_loop().create_task(self._load_draft(a))
@@ -152,24 +146,6 @@ class ScoutControl:
         if wanted is None or (tuple(wanted) == self.span and a.model == self.model) or self._loading is not None:
             return
         self._loading = asyncio.get_running_loop().create_task(self._switch(a, tuple(wanted)))
-
-    def _check_heard(self, oracle: OracleAnnouncement) -> None:
-        """Reconnect when the Oracle we hear does not hear us. After this Scout restarts, the
-        Oracle's libp2p can keep the dead predecessor's pubsub stream and ignore the new one until
-        it times out (up to a minute); dropping the connection clears it, and the bootstrap
-        redial (or the DHT lookup) opens a fresh one."""
-        now = time.monotonic()
-        if self.identity.peer_id in oracle.heard:
-            self._unheard_since = None
-            return
-        if self._unheard_since is None:
-            self._unheard_since = now
-        elif now - self._unheard_since > self.UNHEARD_SECONDS:
-            log.warning("Oracle %s does not hear this Scout's announcements: reconnecting", oracle.peer_id)
-            self._unheard_since = None
-            task = asyncio.get_running_loop().create_task(self.node.disconnect(oracle.peer_id))
-            self._tasks.append(task)
-            task.add_done_callback(self._tasks.remove)
 
     async def _load_draft(self, oracle: OracleAnnouncement) -> None:
         log.warning("loading %s to draft for Oracle %s", oracle.model_name, oracle.peer_id)

@@ -68,7 +68,6 @@ class OracleControl:
         self._seq = 0
         self._joined = False  # a peer joined since the DHT record was last stored
         self._task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()  # disconnects in flight (held so they are not collected)
         self._changed = asyncio.Event()
 
     async def start(self) -> list[str]:
@@ -126,13 +125,6 @@ class OracleControl:
                 record.dead = True
                 self.assignments.pop(peer, None)
                 log.warning("Scout %s is dead: no heartbeat for %.1f s", peer, now - record.last_seen)
-                # libp2p may not have noticed yet, and while it holds the dead peer's pubsub stream it
-                # ignores the streams of that peer's next life: a restarted Scout would go unheard.
-                self._forget(peer)
-
-    def _forget(self, peer: str) -> None:
-        self._tasks.add(task := asyncio.get_running_loop().create_task(self.node.disconnect(peer)))
-        task.add_done_callback(self._tasks.discard)
 
     def _candidate(self, record: ScoutRecord) -> Candidate:
         a = record.announcement
@@ -156,8 +148,7 @@ class OracleControl:
         o = self.offer
         return prove(self.swarm_secret, OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
                                   n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes, vocab_digest=o.vocab_digest,
-                                  multiaddrs=self.node.addrs, assignments=self.assignments,
-                                  heard=sorted(p for p, r in self.scouts.items() if not r.dead)))
+                                  multiaddrs=self.node.addrs, assignments=self.assignments))
 
     async def _run(self) -> None:
         last_provide = -self.reprovide_seconds

@@ -62,7 +62,6 @@ class OracleAnnouncement(Announcement):
     vocab_digest: str | None = None
     multiaddrs: list[str] = Field(default_factory=list)
     assignments: dict[str, tuple[int, int]] = Field(default_factory=dict)  # Scout peer id → span
-    heard: list[str] = Field(default_factory=list)  # Scouts whose heartbeats arrive (a Scout not listed is not heard)
 
 
 class AnnouncementError(ValueError):

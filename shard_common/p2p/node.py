@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -108,15 +109,6 @@ class P2PNode:
         """Dial a peer by its full multiaddr; returns its peer id."""
         return await self._call(self._connect, multiaddr)
 
-    async def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id``: its pubsub state goes with them, so when that
-        peer comes back (a restarted Scout, same peer id) its streams are set up afresh.
-        Best effort: a peer already gone is nothing to do."""
-        try:
-            await self._call(self._disconnect, peer_id)
-        except Exception as e:
-            log.debug("disconnecting %s: %r", peer_id, e)
-
     def connected_peers(self) -> set[str]:
         if self._host is None:
             return set()
@@ -180,12 +172,15 @@ class P2PNode:
         host, listen = self._make_host()
         # Mesh repair once a second so a restarted peer is back in the mesh within seconds;
         # everything runs on loopback in tests, so the IP-diversity guard would starve the mesh.
-        # A pruned or departed peer may graft again after 5 s, not the default 60: a restarted Scout
-        # (same peer id) must be heard again within seconds.
         gossip = GossipSub(protocols=GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
-                           eclipse_protection_enabled=False, max_messages_per_topic_per_second=200.0,
-                           prune_back_off=5, unsubscribe_back_off=5)
+                           eclipse_protection_enabled=False, max_messages_per_topic_per_second=200.0)
         pubsub = Pubsub(host, gossip)
+        # Message ids are (sender, counter), and py-libp2p starts the counter at the Unix time in
+        # seconds. A Scout heartbeating twice a second outruns the clock, so after a restart its
+        # new messages reuse ids of its previous life, and every peer drops them as already seen
+        # (for the seen-cache's 120 s): the Oracle would not hear the restarted Scout for a minute
+        # or more. Nanoseconds leave room for any plausible message rate.
+        pubsub.counter = time.time_ns()
         async with host.run([listen]):
             dht = KadDHT(host, DHTMode.SERVER)
             async with background_trio_service(pubsub), background_trio_service(gossip), background_trio_service(dht):
@@ -239,13 +234,6 @@ class P2PNode:
         except Exception as e:  # the routing table refreshes itself later; the connection stands
             log.debug("DHT did not take %s: %r", info.peer_id, e)
         return info.peer_id.to_base58()
-
-    async def _disconnect(self, peer_id: str) -> None:
-        import trio
-        from libp2p.peer.id import ID
-
-        with trio.CancelScope(shield=True):
-            await self._host.disconnect(ID.from_base58(peer_id))
 
     async def _find_providers(self, key: str) -> list[tuple[str, list[str]]]:
         found = await self._dht.find_providers(key)

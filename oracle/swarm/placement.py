@@ -109,7 +109,7 @@ def _rebalance(n_layers: int, assigned: dict[str, Span], by_id: dict[str, Candid
             return
         mover = min(movable, key=lambda c: (c.throughput, c.peer_id))
         weakest = counts.index(low)
-        # Join the span that already covers the weakest block, so the new replica abuts its neighbours.
-        target = min((s for p, s in assigned.items() if s[0] <= weakest < s[1] and p != mover.peer_id),
-                     key=lambda s: (s[1] - s[0] > length_of(mover), s), default=(weakest, weakest + 1))
+        # Join a span that covers the weakest block (one exists: holes were filled above, and the
+        # mover's own blocks are all stronger), so the new replica abuts its neighbours.
+        target = min((s for s in assigned.values() if s[0] <= weakest < s[1]), key=lambda s: (s[1] - s[0] > length_of(mover), s))
         assigned[mover.peer_id] = target[0], min(target[1], target[0] + length_of(mover))

@@ -90,7 +90,7 @@ async def job_events(job: Job, request: web.Request, scheduler: Scheduler, metri
     away, so its batch slot and caches are freed at the next step. Feeds the latency metrics."""
     timer = RequestTimer(metrics)
     try:
-        while not job.finished:
+        while not (job.delivered and job.events.empty()):
             try:
                 item = await asyncio.wait_for(job.events.get(), timeout=1.0)
             except asyncio.TimeoutError:

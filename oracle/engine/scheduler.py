@@ -32,6 +32,10 @@ class Job:
     seqs: list[Sequence]
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    # Every event of the job is in ``events``: set by the scheduler when it retires the job. Its
+    # sequences count as finished earlier — on the engine's thread, before that step's events (or a
+    # failure) are queued — so a reader that stopped at ``finished`` could miss the last of them.
+    delivered: bool = False
 
     @property
     def finished(self) -> bool:
@@ -123,6 +127,7 @@ class Scheduler:
         done = [job for job in self.running if job.cancelled or job.finished]
         for job in done:
             self.running.remove(job)
+            job.delivered = True
         await self._release(done)
 
     async def _loop(self) -> None:

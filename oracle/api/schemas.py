@@ -30,11 +30,12 @@ class TextPart(Schema):
 
 
 class ChatMessage(Schema):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None  # deprecated form of tool_calls
 
     @field_validator("content", mode="before")
     @classmethod
@@ -112,13 +113,16 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    # Known but not implemented: rejected with a 400 when set.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
+    functions: list[dict[str, Any]] | None = None  # deprecated: tools
+    function_call: Any = None  # deprecated: tool_choice
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Extensions: vLLM's structured_outputs (json, regex, choice, grammar) and llama.cpp's GBNF grammar.
+    structured_outputs: dict[str, Any] | None = None
+    grammar: str | None = None
+    # Known but not implemented: rejected with a 400 when set.
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
@@ -137,7 +141,6 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
         "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
     )
 
@@ -187,17 +190,33 @@ class ChoiceLogprobs(Schema):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
+
+
 class AssistantMessage(Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # only when the request used the deprecated functions
 
 
 class ChatChoice(Schema):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletion(Schema):
@@ -214,13 +233,17 @@ class ChatCompletion(Schema):
 class ChunkDelta(Schema):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    # OpenAI's tool-call deltas: {index, id, type, function: {name, arguments: ""}} first, then
+    # {index, function: {arguments: fragment}}.
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, str] | None = None
 
 
 class ChunkChoice(Schema):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(Schema):
@@ -328,6 +351,9 @@ class StoredMessage(Schema):
     role: str
     content: str | None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
 
 
 class StoredMessageList(CursorPage):

@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from oracle.engine.grammar import GrammarCompiler
 from oracle.engine.local import build_local_model
 from oracle.engine.scheduler import Scheduler
 from oracle.store.redis_server import EmbeddedRedis
@@ -145,6 +146,7 @@ def serve(args: argparse.Namespace) -> int:
         n_layers=local.weights.config.n_layers,
         created=int(time.time()),
         fingerprint=fingerprint,
+        grammars=GrammarCompiler(local.tokenizer),
         limits=RequestLimits(max_n=args.max_n),
         swarm=swarm,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from oracle.engine.grammar import GrammarCompiler
 from oracle.engine.scheduler import Scheduler
 from oracle.store.completions import CompletionStore
 from oracle.swarm.swarm import Swarm
@@ -26,6 +27,7 @@ class OracleState:
     n_layers: int
     created: int
     fingerprint: str
+    grammars: GrammarCompiler  # response_format, tools and grammars, compiled once per distinct source
     limits: RequestLimits = field(default_factory=RequestLimits)
     auth: Authenticator | None = None  # None: --no-auth
     rate_limits: RateLimits | None = None

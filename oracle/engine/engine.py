@@ -8,6 +8,7 @@ their prompt and some decoding, share every forward pass.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -33,6 +34,8 @@ class Engine:
         self.speculative = speculative  # the default mode; a request may ask for another
         self.drafters = {"ngram": NgramDrafter(), **(drafters or {})}
         self.speculation = SpeculationStats()  # over all finished sequences
+        # Grammar masks are computed here while the forward pass runs (llguidance drops the GIL).
+        self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
     def drafter_for(self, seq: Sequence) -> Drafter | None:
         mode = seq.params.speculative or self.speculative
@@ -53,6 +56,10 @@ class Engine:
         if k <= 0:
             return None
         draft = drafter.propose(seq.session, seq.tokens, k, seq.params)
+        if draft and draft.tokens and seq.grammar is not None:
+            # Tokens the grammar forbids would be rejected anyway: don't spend the pass on them.
+            keep = seq.grammar.valid_prefix(draft.tokens)
+            draft = Draft(draft.tokens[:keep], draft.probs[:keep] if draft.probs else None)
         return draft if draft and draft.tokens else None
 
     def plan(self, seqs: list[Sequence]) -> list[tuple[Sequence, int, Draft | None]]:
@@ -95,7 +102,12 @@ class Engine:
             return []
         fed = [s.tokens[s.cached:s.cached + n] + (d.tokens if d else []) for s, n, d in plan]
         requests = [SpanRequest(s.session, s.cached, len(ids)) for (s, _, _), ids in zip(plan, fed)]
-        hidden = self.pipeline.forward(self.ends.embed([t for ids in fed for t in ids]), requests)
+        constrained = [(s, d) for s, n, d in plan if s.grammar is not None and s.cached + n == len(s.tokens)]
+        masks: Future | None = self._masker.submit(self._masks, constrained) if constrained else None
+        try:
+            hidden = self.pipeline.forward(self.ends.embed([t for ids in fed for t in ids]), requests)
+        finally:
+            allowed = masks.result() if masks is not None else {}  # never leave the masker walking a matcher
         rows, scored = [], []  # output rows to score, and per scored sequence how many
         offset = 0
         for (s, n, draft), ids in zip(plan, fed):
@@ -113,24 +125,34 @@ class Engine:
             for s, draft, width in scored:
                 part = logits[start:start + width]
                 start += width
+                mask = allowed.get(id(s))
                 if draft is None:
-                    events.append((s, s.append(s.sampler.choose(part[0]))))
+                    events.append((s, s.append(s.sampler.choose(part[0], None if mask is None else mask[0]))))
                 else:
-                    events.extend((s, e) for e in self._accept(s, draft, part))
+                    events.extend((s, e) for e in self._accept(s, draft, part, mask))
         return events
 
-    def _accept(self, s: Sequence, draft: Draft, logits: torch.Tensor) -> list[TokenEvent]:
+    @staticmethod
+    def _masks(constrained: list[tuple[Sequence, Draft | None]]) -> dict[int, torch.Tensor]:
+        return {id(s): s.grammar.masks(d.tokens if d else []) for s, d in constrained}
+
+    def _accept(self, s: Sequence, draft: Draft, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> list[TokenEvent]:
         """Judge ``draft`` with the target's ``logits`` (one row per drafted token, plus one), emit
-        the accepted prefix and one more token, and roll every cache back to what was accepted."""
+        the accepted prefix and one more token, and roll every cache back to what was accepted.
+        ``allowed``: the grammar's mask at each of those positions. The grammar's matcher, like
+        the sampler, only ever consumes emitted tokens; its masks for drafted positions were
+        computed by walking the draft and rolling back."""
         events, accepted = [], 0
         for j, token in enumerate(draft.tokens):
-            choice, ok = s.sampler.verify(logits[j], token, draft.probs[j] if draft.probs else None)
+            mask = None if allowed is None else allowed[j]
+            choice, ok = s.sampler.verify(logits[j], token, draft.probs[j] if draft.probs else None, mask)
             events.append(s.append(choice))
             if not ok or s.finished:
                 break
             accepted += 1
         else:
-            events.append(s.append(s.sampler.choose(logits[len(draft.tokens)])))
+            last = len(draft.tokens)
+            events.append(s.append(s.sampler.choose(logits[last], None if allowed is None else allowed[last])))
         s.spec.update(len(draft.tokens), accepted, len(events))
         valid = s.cached + accepted  # the pending token's position and the accepted drafts
         if not s.finished and accepted < len(draft.tokens):

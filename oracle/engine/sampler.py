@@ -4,8 +4,12 @@ and the logprobs OpenAI's API reports."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 GREEDY_TEMPERATURE = 1e-5
 
@@ -25,6 +29,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     speculative: str | None = None  # off | ngram | scout | auto; None: the server's default
+    grammar: "Grammar | None" = None  # what the output must match (each sequence gets its own matcher)
 
     @property
     def greedy(self) -> bool:
@@ -62,8 +67,9 @@ class SequenceSampler:
         if self.counts is not None:
             self.counts[token] += 1
 
-    def adjusted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The target distribution's logits after penalties and bias (before temperature)."""
+    def adjusted(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The target distribution's logits after penalties, bias and the grammar's ``allowed``
+        mask (before temperature): logprobs report this distribution, the one sampled from."""
         p = self.params
         logits = logits[: self.vocab_size].float()
         if self.counts is not None:
@@ -71,6 +77,8 @@ class SequenceSampler:
         if self.bias is not None:
             logits = logits.clone()
             logits.index_add_(0, self.bias[0], self.bias[1])
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         return logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -91,23 +99,25 @@ class SequenceSampler:
             probs = probs / probs.sum()
         return probs
 
-    def choose(self, logits: torch.Tensor) -> TokenChoice:
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> TokenChoice:
         p = self.params
-        adjusted = self.adjusted(logits)
+        adjusted = self.adjusted(logits, allowed)
         if p.greedy:
             token = int(torch.argmax(adjusted))
         else:
             token = int(torch.multinomial(self.probabilities(adjusted), 1, generator=self.generator))
         return self._chosen(token, adjusted)
 
-    def verify(self, logits: torch.Tensor, draft: int, q: torch.Tensor | None = None) -> tuple[TokenChoice, bool]:
+    def verify(self, logits: torch.Tensor, draft: int, q: torch.Tensor | None = None,
+               allowed: torch.Tensor | None = None) -> tuple[TokenChoice, bool]:
         """Judge a drafted token against the target's ``logits`` at its position: (the token to
         emit, whether it is the draft). Greedy: accepted when it is the target's argmax, else the
         argmax is emitted. Sampling: accepted with probability min(1, p(x)/q(x)), else a token is
         drawn from the normalised max(0, p − q) — so emitted tokens follow the target's
         distribution p exactly, whatever the drafter proposes. ``q`` is the drafter's distribution
-        (None: a deterministic drafter, q = one-hot on the draft)."""
-        adjusted = self.adjusted(logits)
+        (None: a deterministic drafter, q = one-hot on the draft). Under a grammar, p is the masked
+        distribution: a draft the grammar forbids has p = 0 and is always rejected."""
+        adjusted = self.adjusted(logits, allowed)
         if self.params.greedy:
             token = int(torch.argmax(adjusted))
             return self._chosen(token, adjusted), token == draft
@@ -135,6 +145,7 @@ class SequenceSampler:
             choice.logprob = float(logprobs[token])
             if p.top_logprobs:
                 values, ids = torch.topk(logprobs, p.top_logprobs)
-                choice.top = list(zip(ids.tolist(), values.tolist()))
+                # Tokens a grammar forbids have logprob -inf: not alternatives, and not JSON numbers.
+                choice.top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]
         self.observe(token)
         return choice

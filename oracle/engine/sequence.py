@@ -46,6 +46,7 @@ class Sequence:
         self.assembler = TextAssembler(self.tokenizer, self.params.stop)
         self.finish_reason: str | None = None
         self.spec = SpeculationState()
+        self.grammar = self.params.grammar.matcher() if self.params.grammar is not None else None
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,8 @@ class Sequence:
     def append(self, choice: TokenChoice) -> TokenEvent:
         token = choice.token
         self.output.append(choice)
+        if self.grammar is not None:
+            self.grammar.consume(token)
         if self.is_stop_token(token):
             self.finish_reason = "stop"
             return TokenEvent(choice, self.assembler.flush(), "stop")
@@ -73,6 +76,10 @@ class Sequence:
         text = self.assembler.push(token)
         if self.assembler.stopped:
             self.finish_reason = "stop"
+        elif self.grammar is not None and self.grammar.done:
+            # The constrained output is complete: only an end-of-sequence token could follow.
+            self.finish_reason = "stop"
+            text += self.assembler.flush()
         elif len(self.output) >= self.params.max_tokens or len(self.tokens) >= self.context_length:
             self.finish_reason = "length"
             text += self.assembler.flush()

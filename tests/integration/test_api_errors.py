@@ -63,9 +63,10 @@ def test_unknown_model(server):
 
 
 def test_unsupported_fields_are_rejected_not_dropped(server, model_id):
-    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"}),
-                         ("tool_choice", "auto")]:
+    for field, value in [("audio", {"voice": "alloy"}), ("modalities", ["audio"]), ("prediction", {"type": "content", "content": "x"})]:
         assert_error(post(server, "/v1/chat/completions", chat(model_id, **{field: value})), 400, "unsupported_parameter", field)
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, tools=[{"type": "web_search"}])), 400,
+                 "unsupported_parameter", "tools[0].type")
     assert_error(post(server, "/v1/completions", {"model": model_id, "prompt": "x", "suffix": "y"}), 400, "unsupported_parameter", "suffix")
     # Unknown fields are ignored.
     assert post(server, "/v1/chat/completions", chat(model_id, some_future_field=1)).status_code == 200
@@ -167,3 +168,28 @@ def test_operator_routes_need_the_admin_key(server, oracle):
         assert_error(requests.request(method, server + path, headers=user, timeout=10), 403, "admin_required")
         assert_error(requests.request(method, server + path, timeout=10), 401, "invalid_api_key")
     assert requests.get(server + "/dashboard", params={"key": "sk-oracle-wrong-" + "w" * 32}, timeout=10).status_code == 401
+
+
+def test_bad_schemas_grammars_and_tools_are_400s_with_the_reason(server, model_id):
+    def schema(value, strict=True):
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": value, "strict": strict}}
+
+    err = assert_error(post(server, "/v1/chat/completions", chat(model_id, response_format=schema({"type": "strang"}))), 400,
+                       "invalid_value", "response_format")
+    assert "strang" in err["message"]
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, response_format={"type": "yaml"})), 400, param="response_format.type")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, response_format={"type": "json_schema"})), 400,
+                 param="response_format.json_schema")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, structured_outputs={"regex": "(unclosed"})), 400,
+                 "invalid_value", "structured_outputs.regex")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, grammar="root ::= (")), 400, "invalid_value", "grammar")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strang"}}}}}
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, tools=[tool], tool_choice="required")), 400, "invalid_value", "tools")
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, tool_choice="required")), 400, param="tool_choice")
+    # A keyword the library does not implement: strict says so; not strict, it is ignored and the rest still constrains.
+    unimplemented = {"type": "object", "properties": {"a": {"type": "string", "not": {"const": "b"}}}}
+    err = assert_error(post(server, "/v1/chat/completions", chat(model_id, response_format=schema(unimplemented))), 400,
+                       "invalid_value", "response_format")
+    assert "not" in err["message"]
+    r = post(server, "/v1/chat/completions", chat(model_id, response_format=schema(unimplemented, strict=False), max_tokens=2))
+    assert r.status_code == 200, r.text

@@ -181,9 +181,14 @@ class ToolSet:
 def render_messages(messages: list, toolset: ToolSet | None) -> list[dict]:
     """Chat messages as the template's plain role/content dicts, with tools and tool turns as text."""
     out: list[dict] = []
+    called: dict[str, str] = {}  # call id -> function name, so a result names what it answers
     for m in messages:
+        for c in m.tool_calls or []:
+            if isinstance(c.get("id"), str):
+                called[c["id"]] = (c.get("function") or {}).get("name")
         if m.role == "tool" or (m.role == "function"):
-            response = json.dumps({"tool_call_id": m.tool_call_id, "name": m.name, "content": m.text()}, ensure_ascii=False)
+            name = m.name or called.get(m.tool_call_id)
+            response = json.dumps({"tool_call_id": m.tool_call_id, "name": name, "content": m.text()}, ensure_ascii=False)
             block = f"<tool_response>{response}</tool_response>"
             if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
                 out[-1]["content"] += "\n" + block  # results of one turn's parallel calls share a message
@@ -215,14 +220,17 @@ def render_messages(messages: list, toolset: ToolSet | None) -> list[dict]:
 
 
 def parse_calls(text: str, completion_id: str, choice: int) -> tuple[str | None, list[ToolCall]]:
-    """(content, calls) of a finished answer. Text with no complete call block is all content."""
+    """(content, calls) of a finished answer. Text with no complete call block is all content.
+    The list is read as JSON, not up to the first closing tag: an argument may contain one."""
     start = text.find(OPEN)
-    end = text.find(CLOSE, start + len(OPEN)) if start >= 0 else -1
-    if start < 0 or end < 0:
+    if start < 0:
         return text, []
+    body = text[start + len(OPEN):]
     try:
-        listed = json.loads(text[start + len(OPEN):end])
+        listed, end = json.JSONDecoder().raw_decode(body, len(body) - len(body.lstrip()))
     except json.JSONDecodeError:
+        return text, []
+    if not body[end:].lstrip().startswith(CLOSE):
         return text, []
     if not isinstance(listed, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in listed):
         return text, []

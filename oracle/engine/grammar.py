@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import llguidance
+import numpy as np
 import torch
 
 from shard_common.tokenizer import Tokenizer
@@ -124,7 +125,6 @@ class GrammarMatcher:
         self.stop_ids = stop_ids
         self.consumed = 0  # tokens consumed so far: equals the sequence's output length
         self._words = (vocab_size + 31) // 32
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     @property
     def done(self) -> bool:
@@ -140,7 +140,9 @@ class GrammarMatcher:
         return self._m.get_error()
 
     def _unpack(self, words: torch.Tensor) -> torch.Tensor:
-        allowed = ((words.unsqueeze(-1) >> self._bits) & 1).view(*words.shape[:-1], -1)[..., : self.vocab_size].bool()
+        # Bit i of little-endian word w is token 32w + i: unpack the bytes least significant bit first.
+        bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, : self.vocab_size]).bool()
         # A matcher in an error state allows nothing; let it end the sequence rather than sample from nothing.
         empty = ~allowed.any(dim=-1)
         if bool(empty.any()):

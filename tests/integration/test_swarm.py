@@ -4,12 +4,16 @@ a Scout's SIGKILL mid-stream, and come back after the Oracle restarts."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import openai
 import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
 from .conftest import ADMIN_KEY, OracleProcess, ScoutSwarm, free_port
+from .test_structured import PERSON, WEATHER
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 POEM = dict(messages=[{"role": "user", "content": "Write a short poem about the sea."}], temperature=0, max_tokens=40)
@@ -47,6 +51,28 @@ def test_scouts_join_get_spans_and_answer_like_one_process(swarm, server, model_
     assert answers(swarm.oracle.url, model_id) == answers(server, model_id)
     log = open(swarm.scouts["a"].log_path).read()
     assert "downloading shards" in log or "serving blocks" in log  # fetched from the Oracle's /shards
+
+
+def test_schemas_and_tool_calls_through_the_scouts_match_one_process(swarm, server, model_id):
+    """Grammar masks live on the Oracle: through two Scouts (speculating, as by default) the
+    constrained answers are the ones a single process gives, and valid."""
+    requests = [
+        dict(messages=[{"role": "user", "content": "Invent a person."}], response_format={
+            "type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}}),
+        dict(messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=[WEATHER], tool_choice="required"),
+    ]
+    for request in requests:
+        results = [openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0).chat.completions.create(
+            model=model_id, temperature=0, max_tokens=80, **request).choices[0] for url in (swarm.oracle.url, server)]
+        routed, local = results
+        assert routed.message.content == local.message.content and routed.finish_reason == local.finish_reason
+        if "tools" in request:
+            assert routed.finish_reason == "tool_calls"
+            assert [json.loads(c.function.arguments) for c in routed.message.tool_calls] == \
+                [json.loads(c.function.arguments) for c in local.message.tool_calls]
+            jsonschema.validate(json.loads(routed.message.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+        else:
+            jsonschema.validate(json.loads(routed.message.content), PERSON)
 
 
 def test_a_scout_finds_the_oracle_through_the_dht_and_becomes_a_replica(swarm):

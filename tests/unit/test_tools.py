@@ -76,6 +76,7 @@ def test_tool_turns_become_prompt_text():
     assert json.loads(out[2]["content"].removeprefix(OPEN).removesuffix(CLOSE)) == [
         {"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]
     assert "21 C" in out[3]["content"] and "25 C" in out[3]["content"] and "call_2" in out[3]["content"]
+    assert '"name": "get_weather"' in out[3]["content"]  # the result names the function its call asked for
     # A system message is extended, not duplicated; with tool_choice none the tools are not offered.
     with_system = render_messages([ChatMessage(role="system", content="Be brief."), *messages[:1]], toolset())
     assert len(with_system) == 2 and with_system[0]["content"].startswith("Be brief.")
@@ -89,6 +90,8 @@ def test_parse_calls():
     assert calls[0].id == call_id("chatcmpl-1", 0, 0) != call_id("chatcmpl-1", 1, 0)
     assert parse_calls("no calls here", "x", 0) == ("no calls here", [])
     cut = f'{OPEN}[{{"name": "get_weather", "argu'
+    tricky = f'{OPEN}[{{"name": "get_weather", "arguments": {{"city": "a}}]{CLOSE} b"}}}}]{CLOSE}'
+    assert json.loads(parse_calls(tricky, "x", 0)[1][0].arguments) == {"city": f"a}}]{CLOSE} b"}
     assert parse_calls(cut, "x", 0) == (cut, [])  # cut short by max_tokens: left as text
 
 

@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 
-import llguidance
+from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 
 from oracle.engine.grammar import Constraint, Grammar, GrammarCompiler, GrammarError
 
@@ -59,8 +59,8 @@ def _answer_schema(response_format: dict | None) -> tuple[dict | None, bool]:
 def _extension(req: ChatCompletionRequest) -> OutputSpec | None:
     if req.grammar is not None:
         try:
-            lark = llguidance.gbnf_to_lark(req.grammar)
-        except Exception as e:  # the converter raises plain exceptions on bad GBNF
+            lark = gbnf_to_lark(req.grammar)
+        except (GbnfToLarkError, ValueError) as e:
             raise bad_request(f"grammar is not valid GBNF: {e}", "grammar", "invalid_value") from None
         return OutputSpec(Constraint("lark", lark), "grammar")
     so = req.structured_outputs

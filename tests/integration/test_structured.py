@@ -6,6 +6,7 @@ numbers: a 135M model, constrained to valid JSON, will otherwise happily write d
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -83,6 +84,27 @@ def test_json_schema_strict_streamed_with_three_sampled_choices(sdk, model_id):
     for text in texts:
         jsonschema.validate(json.loads(text), PERSON)
     assert len(set(texts)) > 1  # three samples, not one answer three times
+
+
+def test_vllm_and_llama_cpp_grammar_extensions(sdk, model_id):
+    def ask(question, **extra):
+        r = sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}], temperature=0.8, seed=3,
+                                        max_tokens=20, extra_body=extra)
+        assert r.choices[0].finish_reason == "stop"
+        return r.choices[0].message.content
+
+    assert ask("Is the sky blue?", structured_outputs={"choice": ["yes", "no"]}) in ("yes", "no")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", ask("A phone number?", structured_outputs={"regex": "[0-9]{3}-[0-9]{4}"}))
+    jsonschema.validate(json.loads(ask("A person?", structured_outputs={"json": PERSON})), PERSON)
+    assert ask("A colour?", grammar='root ::= "red" | "green" | "blue"') in ("red", "green", "blue")
+
+
+def test_same_seed_same_structured_output(sdk, model_id):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    texts = {sdk.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Invent a person."}], temperature=1,
+                                         seed=5, max_tokens=80, response_format=fmt).choices[0].message.content for _ in range(2)}
+    assert len(texts) == 1
+    jsonschema.validate(json.loads(texts.pop()), PERSON)
 
 
 def test_tool_choice_required_and_named(sdk, model_id):

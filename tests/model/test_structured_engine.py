@@ -104,6 +104,11 @@ def test_a_rejected_draft_rolls_the_matcher_back(engine, tokenizer, quant_parts,
     jsonschema.validate(json.loads(spec.text), PERSON)
 
 
+def test_grammars_are_compiled_once_per_source(compiler):
+    assert compiler.compile(Constraint.json_schema(PERSON)) is compiler.compile(Constraint.json_schema(dict(PERSON)))
+    assert compiler.compile(Constraint.json_schema(PERSON)) is not compiler.compile(Constraint.json_schema({"type": "object"}))
+
+
 def test_masks_for_a_draft_leave_the_matcher_in_place(tokenizer, compiler):
     matcher = compiler.compile(Constraint.json_schema(PERSON)).matcher()
     draft = tokenizer.encode('{"name": "Bo')

@@ -93,8 +93,8 @@ def output_spec(req: ChatCompletionRequest, toolset: ToolSet | None) -> OutputSp
             raise bad_request("grammar and structured_outputs cannot be combined with response_format or tools",
                               extension.param, "invalid_value")
         return extension
-    if toolset is not None:
-        return OutputSpec(toolset.constraint(answer), "tools", strict=strict or toolset.mode == "none")
+    if toolset is not None and toolset.mode != "none":
+        return OutputSpec(toolset.constraint(answer, strict), "tools")
     if answer is None:
         return OutputSpec(None)
     return OutputSpec(Constraint.json_schema(answer), "response_format", strict)

@@ -29,6 +29,7 @@ class Function:
     name: str
     description: str
     parameters: dict
+    strict: bool = False  # OpenAI's strict: the parameters schema must compile as given
 
     def as_prompt(self) -> dict:
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
@@ -107,7 +108,7 @@ class ToolSet:
             description = spec.get("description") or ""
             if not isinstance(description, str):
                 raise bad_request(f"{param}.description must be a string", f"{param}.description", "invalid_value")
-            fns.append(Function(name, description, _parameters(spec.get("parameters"), f"{param}.parameters")))
+            fns.append(Function(name, description, _parameters(spec.get("parameters"), f"{param}.parameters"), spec.get("strict") is True))
         if len({f.name for f in fns}) != len(fns):
             raise bad_request(f"{where} has two functions with the same name", where, "invalid_value")
         toolset = cls(fns, parallel=parallel_tool_calls is not False and not legacy, legacy=legacy)
@@ -140,20 +141,21 @@ class ToolSet:
             schema["maxItems"] = 1
         return schema
 
-    def constraint(self, answer: dict | None = None) -> Constraint | None:
-        """What the output must match. required / named: one call block. auto: free text (or
-        the ``answer`` schema, when response_format asks for one), or a call block; once the
-        model writes ``<tool_call>``, the rest of the block is forced valid. none: no tools."""
-        if self.mode == "none":
-            return Constraint.json_schema(answer) if answer is not None else None
+    def constraint(self, answer: dict | None = None, answer_strict: bool = True) -> Constraint:
+        """What the output must match (``mode`` is not none). required / named: one call block.
+        auto: free text (or the ``answer`` schema, when response_format asks for one), or a call
+        block; once the model writes ``<tool_call>``, the rest of the block is forced valid.
+        Schemas not marked strict are compiled leniently: keywords the library does not implement
+        are ignored, as OpenAI accepts any schema for non-strict tools."""
         block = f'"{OPEN}" calls "{CLOSE}"'
         # Inline %json takes its compile options from the schema itself (compact, as for response_format).
-        rules = [f"calls: %json {json.dumps({**self.calls_schema(), 'x-guidance': JSON_OPTIONS})}"]
+        lenient = not all(f.strict for f in self.functions)
+        rules = [f"calls: %json {json.dumps({**self.calls_schema(), 'x-guidance': {**JSON_OPTIONS, 'lenient': lenient}})}"]
         if self.mode in ("required", "named"):
             start = f"start: {block}"
         elif answer is not None:
             start = f"start: answer | {block}"
-            rules.append(f"answer: %json {json.dumps({**answer, 'x-guidance': JSON_OPTIONS})}")
+            rules.append(f"answer: %json {json.dumps({**answer, 'x-guidance': {**JSON_OPTIONS, 'lenient': not answer_strict}})}")
         else:
             # A lazy lexeme ends at the first "<tool_call>", so plain text can carry on past a "<" and a started call is forced.
             start = f'start: TEXT | head calls "{CLOSE}"'

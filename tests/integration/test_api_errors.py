@@ -186,6 +186,13 @@ def test_bad_schemas_grammars_and_tools_are_400s_with_the_reason(server, model_i
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strang"}}}}}
     assert_error(post(server, "/v1/chat/completions", chat(model_id, tools=[tool], tool_choice="required")), 400, "invalid_value", "tools")
     assert_error(post(server, "/v1/chat/completions", chat(model_id, tool_choice="required")), 400, param="tool_choice")
+    unimplemented_tool = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "not": {"const": "b"}}}}}}
+    assert_error(post(server, "/v1/chat/completions", chat(model_id, tools=[unimplemented_tool], tool_choice="required")), 400,
+                 "invalid_value", "tools")
+    unimplemented_tool["function"]["strict"] = False
+    r = post(server, "/v1/chat/completions", chat(model_id, tools=[unimplemented_tool], tool_choice="required", max_tokens=2))
+    assert r.status_code == 200, r.text
     # A keyword the library does not implement: strict says so; not strict, it is ignored and the rest still constrains.
     unimplemented = {"type": "object", "properties": {"a": {"type": "string", "not": {"const": "b"}}}}
     err = assert_error(post(server, "/v1/chat/completions", chat(model_id, response_format=schema(unimplemented))), 400,

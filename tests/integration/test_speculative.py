@@ -12,8 +12,7 @@ from oracle.swarm.local_scouts import LocalScout
 from shard_common.model.loader import load_weights
 
 from ..model.test_gguf_files import ROPE_BASE, write_gguf
-from ..model.test_speculative_engine import TIE_EPSILON
-from .conftest import ADMIN_KEY, OracleProcess
+from .conftest import ADMIN_KEY, OracleProcess, same_or_tied_tokens
 
 PROMPTS = ["Write a short poem about the sea.", "Repeat exactly: the red fox and the blue bird sat on the old stone wall.",
            "What is the capital of France?"]
@@ -33,13 +32,7 @@ def ask(url, model_id, prompt, **kw):
 
 
 def same_or_tied(a, b) -> bool:
-    for x, y in zip(a.logprobs.content, b.logprobs.content):
-        if x.token != y.token:
-            for t in (x, y):
-                assert t.top_logprobs[0].logprob - t.top_logprobs[1].logprob <= TIE_EPSILON, (x, y)
-            return False
-    assert a.message.content == b.message.content
-    return True
+    return same_or_tied_tokens(a.logprobs.content, b.logprobs.content)
 
 
 def test_draft_scout_speculation_gives_the_plain_greedy_output(swarm, model_id):

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--max-running", default=32, type=int, help="sequences decoded together in one batch")
     add_option(serve, "--max-queued", default=256, type=int, help="requests waiting beyond that; more get 503")
     add_option(serve, "--max-n", default=16, type=int, help="largest n (or best_of x prompts) per request")
+    add_option(serve, "--embedding-pooling", default="mean", choices=["mean", "last"],
+               help="/v1/embeddings: average the final hidden states over the input's tokens, or take the last token's")
     add_option(serve, "--public-metrics", action="store_true", default=False,
                help="serve /metrics without a key (for a Prometheus on a private network); else it needs an admin key")
     add_option(serve, "--max-body-mb", default=4.0, type=float, help="largest accepted request body")

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 from pydantic.json_schema import models_json_schema
 
-from . import routes, schemas, scouts
+from . import embeddings, response_schemas, responses, routes, schemas, scouts
 from .dashboard import dashboard
 from .auth import ANONYMOUS, presented_key
 from .errors import APIError
@@ -58,6 +58,18 @@ ROUTES += [
           response=schemas.Deleted),
     Route("GET", "/chat/completions/{completion_id}/messages", routes.stored_messages,
           "List the messages of a stored chat completion", response=schemas.StoredMessageList),
+]
+ROUTES += [
+    Route("POST", "/embeddings", embeddings.create_embeddings, "Create embeddings (pooled final hidden states)",
+          embeddings.EmbeddingRequest, embeddings.EmbeddingList),
+    Route("POST", "/responses", responses.create_response, "Create a model response (Responses API)",
+          response_schemas.ResponseRequest, response_schemas.ResponseObject, streams=True),
+    Route("GET", "/responses/{response_id}", responses.get_response, "Retrieve a stored response",
+          response=response_schemas.ResponseObject),
+    Route("DELETE", "/responses/{response_id}", responses.delete_response, "Delete a stored response",
+          response=response_schemas.ResponseDeleted),
+    Route("GET", "/responses/{response_id}/input_items", responses.input_items, "List a stored response's input items",
+          response=response_schemas.InputItemList),
 ]
 ROUTES.append(Route("GET", "/cluster/status", routes.cluster_status, "Swarm coverage, Scouts and load (admin)",
                     response=schemas.ClusterStatus))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from oracle.engine.sampler import SamplingParams
 from oracle.engine.sequence import Sequence
 from shard_common.tokenizer import ChatTemplateError
 
@@ -80,10 +81,19 @@ async def sse_error(response: web.StreamResponse, err: APIError) -> None:
 # --- chat ---------------------------------------------------------------------------------------
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-    model = check_model(state, req.model)
+@dataclass
+class PreparedChat:
+    """A validated chat request turned into engine work: the prompt, the sampling parameters
+    (with the compiled grammar) and the tools the answer may call (None: no call is parsed)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int | None
+    toolset: ToolSet | None
+
+
+async def prepare_chat(state: OracleState, req: ChatCompletionRequest) -> PreparedChat:
+    """Shared by chat completions and responses: one way from a request to sequences."""
     for name in ChatCompletionRequest.UNSUPPORTED:
         if getattr(req, name) is not None:
             raise not_supported(name)
@@ -99,13 +109,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(req, state.tokenizer, len(prompt_ids), state.context_length, state.limits, max_tokens,
                              bool(req.logprobs), req.top_logprobs or 0, grammar)
-    reserved = await reserve_tokens(request, len(prompt_ids) + (max_tokens or 0) * n)
-    seqs = make_sequences(prompt_ids, params, n, state.tokenizer, state.context_length)
+    return PreparedChat(prompt_ids, params, max_tokens, toolset if toolset is not None and toolset.mode != "none" else None)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+    model = check_model(state, req.model)
+    prep = await prepare_chat(state, req)
+    n = req.n or 1
+    reserved = await reserve_tokens(request, len(prep.prompt_ids) + (prep.max_tokens or 0) * n)
+    seqs = make_sequences(prep.prompt_ids, prep.params, n, state.tokenizer, state.context_length)
     job = submit(state.scheduler, seqs)
-    ident = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    answer = ChatAnswer(state, ident, created, model, len(prompt_ids), bool(req.logprobs),
-                        toolset if toolset is not None and toolset.mode != "none" else None)
+    answer = ChatAnswer(state, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, len(prep.prompt_ids), bool(req.logprobs),
+                        prep.toolset)
     if req.stream:
         return await stream_chat(request, state, job, seqs, answer, req, reserved)
     async for _ in job_events(job, request, state.scheduler, state.metrics):

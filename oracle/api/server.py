@@ -148,6 +148,7 @@ def serve(args: argparse.Namespace) -> int:
         fingerprint=fingerprint,
         grammars=GrammarCompiler(local.tokenizer),
         limits=RequestLimits(max_n=args.max_n),
+        embedding_pooling=args.embedding_pooling,
         swarm=swarm,
     )
     app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)), shard_dir=manifest.parent,
@@ -162,8 +163,9 @@ def serve(args: argparse.Namespace) -> int:
         await storage.connect(state, args, redis_url)
 
     async def close_storage(_: web.Application) -> None:
-        if state.completions is not None:
-            await state.completions.close()
+        for store in (state.completions, state.responses):
+            if store is not None:
+                await store.close()
 
     app.on_startup.append(connect_storage)
     app.on_cleanup.append(close_storage)

@@ -32,7 +32,9 @@ class OracleState:
     auth: Authenticator | None = None  # None: --no-auth
     rate_limits: RateLimits | None = None
     completions: CompletionStore | None = None
+    responses: CompletionStore | None = None  # /v1/responses, stored like completions
     store_by_default: bool = True
+    embedding_pooling: str = "mean"  # /v1/embeddings: mean or last over the final hidden states
     swarm: Swarm | None = None  # None: every block runs in this process
     metrics: Metrics | None = None
 

@@ -32,8 +32,8 @@ def add_redis_options(p: argparse.ArgumentParser) -> None:
 def add_storage_options(p: argparse.ArgumentParser) -> None:
     add_redis_options(p)
     add_option(p, "--no-auth", action="store_true", default=False, help="accept requests without API keys (local demos only)")
-    add_option(p, "--no-store", action="store_true", default=False, help="never store chat completions")
-    add_option(p, "--store-ttl-days", default=30.0, type=float, help="how long stored completions are kept")
+    add_option(p, "--no-store", action="store_true", default=False, help="never store chat completions or responses")
+    add_option(p, "--store-ttl-days", default=30.0, type=float, help="how long stored completions and responses are kept")
     add_option(p, "--auth-cache-seconds", default=5.0, type=float,
                help="how long a verified key is trusted without asking Redis (revocations take this long)")
 
@@ -68,5 +68,8 @@ async def connect(state: OracleState, args: argparse.Namespace, redis_url: str) 
             log.error("Redis unreachable at startup (%s): requests will get 503 until it answers", e)
     if not args.no_store:
         journal = Path(args.data_dir) / "pending-completions.jsonl"
-        state.completions = CompletionStore(client, args.redis_prefix, int(args.store_ttl_days * 86400), journal=journal)
+        ttl = int(args.store_ttl_days * 86400)
+        state.completions = CompletionStore(client, args.redis_prefix, ttl, journal=journal)
         state.completions.start_flusher()
+        state.responses = CompletionStore(client, args.redis_prefix, ttl, journal=Path(args.data_dir) / "pending-responses.jsonl", kind="resp")
+        state.responses.start_flusher()

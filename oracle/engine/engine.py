@@ -69,12 +69,13 @@ class Engine:
         plan = []
         budget = self.prefill_chunk
         for s in seqs:
-            if s.pending == 1 and s.share_prefill_with is None:
+            if s.pending == 1 and s.share_prefill_with is None and s.pooling is None:
                 draft = self._draft(s)
                 plan.append((s, 1, draft))
                 budget -= 1 + (len(draft.tokens) if draft else 0)
         for s in seqs:
-            if s.pending > 1 and budget > 0:
+            # Embeddings only ever read their prompt, down to its last token.
+            if (s.pending > 1 or (s.pooling is not None and s.pending == 1)) and budget > 0:
                 n = min(s.pending, budget)
                 plan.append((s, n, None))
                 budget -= n
@@ -113,7 +114,9 @@ class Engine:
         for (s, n, draft), ids in zip(plan, fed):
             offset += len(ids)
             s.cached += n
-            if s.pending == 0:
+            if s.pooling is not None:
+                s.pool(self.ends.final_hidden(hidden[offset - n:offset]).cpu())
+            elif s.pending == 0:
                 width = 1 + (len(draft.tokens) if draft else 0)
                 rows.extend(range(offset - width, offset))
                 scored.append((s, draft, width))

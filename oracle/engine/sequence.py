@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import torch
+
 from shard_common.tokenizer import Tokenizer
 
 from .detokenizer import TextAssembler
@@ -37,6 +39,8 @@ class Sequence:
     session: str = field(default_factory=new_session_id)
     # Another sequence whose cache, once its prompt is in, this one copies instead of prefilling.
     share_prefill_with: "Sequence | None" = None
+    # An embedding: read the prompt, pool its final hidden states ("mean" or "last"), generate nothing.
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         self.tokens: list[int] = list(self.prompt_ids)
@@ -47,6 +51,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.spec = SpeculationState()
         self.grammar = self.params.grammar.matcher() if self.params.grammar is not None else None
+        self.embedding: torch.Tensor | None = None  # the pooled, L2-normalized vector once finished
+        self._pooled: torch.Tensor | None = None  # running sum (mean) or last row (last) over prefill chunks
 
     @property
     def finished(self) -> bool:
@@ -84,6 +90,18 @@ class Sequence:
             self.finish_reason = "length"
             text += self.assembler.flush()
         return TokenEvent(choice, text, self.finish_reason)
+
+    def pool(self, rows: torch.Tensor) -> None:
+        """Take the final hidden states of the prompt chunk just read; finish after the last one."""
+        if self.pooling == "last":
+            self._pooled = rows[-1]
+        else:
+            total = rows.sum(dim=0)
+            self._pooled = total if self._pooled is None else self._pooled + total
+        if self.pending == 0:
+            vector = self._pooled / len(self.prompt_ids) if self.pooling == "mean" else self._pooled
+            self.embedding = torch.nn.functional.normalize(vector, dim=0)
+            self.finish_reason = "stop"
 
     def abort(self, reason: str) -> None:
         self.finish_reason = reason

@@ -1,9 +1,10 @@
-"""Stored chat completions, by id, with a per-key index for listing.
+"""Stored chat completions (and, in a store of their own kind, responses), by id, with a per-key
+index for listing.
 
-Layout (``P`` is the prefix):
-    P cmpl:<id>            string  the stored completion as JSON (TTL)
-    P cmpl_index:<key id>  zset    ids by creation time (ms) for one key
-    P cmpl_index           zset    ids of every key, for admins
+Layout (``P`` is the prefix, ``K`` the kind: ``cmpl`` for chat completions, ``resp`` for responses):
+    P K:<id>            string  the stored record as JSON (TTL)
+    P K_index:<key id>  zset    ids by creation time (ms) for one key
+    P K_index           zset    ids of every key, for admins
 
 Writes that fail because Redis is unreachable go to ``PendingWrites``: a bounded queue mirrored
 to a journal file, flushed in order once Redis answers again, so no completion is lost to an
@@ -61,18 +62,20 @@ class PendingWrites:
 
 
 class CompletionStore:
-    def __init__(self, redis: aioredis.Redis, prefix: str = "shard:", ttl_seconds: int = 30 * 86400, journal: Path | None = None):
+    def __init__(self, redis: aioredis.Redis, prefix: str = "shard:", ttl_seconds: int = 30 * 86400, journal: Path | None = None,
+                 kind: str = "cmpl"):
         self.redis = redis
         self.prefix = prefix
+        self.kind = kind
         self.ttl = ttl_seconds
         self.pending = PendingWrites(journal)
         self._flusher: asyncio.Task | None = None
 
     def _key(self, ident: str) -> str:
-        return f"{self.prefix}cmpl:{ident}"
+        return f"{self.prefix}{self.kind}:{ident}"
 
     def _index(self, owner: str | None) -> str:
-        return f"{self.prefix}cmpl_index" + (f":{owner}" if owner else "")
+        return f"{self.prefix}{self.kind}_index" + (f":{owner}" if owner else "")
 
     async def _write(self, record: dict) -> None:
         score = int(record["created_ms"])

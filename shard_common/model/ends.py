@@ -27,7 +27,15 @@ class ModelEnds:
             raise ValueError(f"token id out of range [0, {self.embedding.rows})")
         return self.embedding.take_rows(ids).dequantize().to(self.runtime.device)
 
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.norm, self.config.norm_eps, self.runtime.dtype)
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [T, vocab] for hidden states [T, d_model]."""
-        return self.head(rms_norm(hidden, self.norm, self.config.norm_eps, self.runtime.dtype)).float()
+        return self.head(self._normed(hidden)).float()
+
+    @torch.inference_mode()
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 final hidden states [T, d_model] (after the final norm): what embeddings pool."""
+        return self._normed(hidden).float()

@@ -31,7 +31,8 @@ def aim_at_the_real_model(case, model_id: str) -> None:
     if not isinstance(body, dict) or "model" not in body or zlib.crc32(json.dumps(body, sort_keys=True, default=str).encode()) % 2:
         return
     body["model"] = model_id
-    body["max_tokens"] = min(3, body["max_tokens"]) if isinstance(body.get("max_tokens"), int) else 3
+    limit = "max_output_tokens" if case.path.endswith("/responses") else "max_tokens"
+    body[limit] = min(3, body[limit]) if isinstance(body.get(limit), int) else 3
     body.pop("max_completion_tokens", None)
     for field in ("n", "best_of"):
         if isinstance(body.get(field), int) and body[field] > 2:

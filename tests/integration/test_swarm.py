@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
@@ -75,6 +76,15 @@ def test_schemas_and_tool_calls_through_the_scouts_match_one_process(swarm, serv
             else:
                 assert answer.finish_reason == "stop"
                 jsonschema.validate(json.loads(answer.message.content), PERSON)
+
+
+def test_embeddings_through_the_scouts_match_one_process(swarm, server, model_id):
+    texts = ["The cat sat on the mat.", "Quarterly revenue grew by eight percent."]
+    routed, local = [np.array([d.embedding for d in openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+                               .embeddings.create(model=model_id, input=texts, encoding_format="float").data])
+                     for url in (swarm.oracle.url, server)]
+    assert routed.shape == local.shape == (2, 576)
+    assert (routed * local).sum(axis=1).min() > 0.9999
 
 
 def test_a_scout_finds_the_oracle_through_the_dht_and_becomes_a_replica(swarm):

@@ -19,7 +19,7 @@ from oracle.engine.sampler import SamplingParams
 from oracle.engine.sequence import Sequence
 
 from .errors import APIError, bad_request
-from .generation import job_events, submit
+from .generation import run_to_end, submit
 from .routes import check_model, parse, reserve_tokens, settle_tokens
 from .schemas import Schema
 from .state import STATE
@@ -95,10 +95,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
     reserved = await reserve_tokens(request, prompt_tokens)
     seqs = [Sequence(ids, SamplingParams(max_tokens=1), tok, state.context_length, pooling=state.embedding_pooling) for ids in encoded]
     job = submit(state.scheduler, seqs)
-    async for _ in job_events(job, request, state.scheduler, state.metrics):
-        pass
-    if not job.finished or any(s.embedding is None for s in seqs):
-        raise APIError(499, "client closed the request", type="server_error")
+    await run_to_end(job, request, state.scheduler, state.metrics)
     await settle_tokens(request, reserved, prompt_tokens)
     data = []
     for i, s in enumerate(seqs):

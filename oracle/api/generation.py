@@ -111,6 +111,14 @@ async def job_events(job: Job, request: web.Request, scheduler: Scheduler, metri
             scheduler.cancel(job)
 
 
+async def run_to_end(job: Job, request: web.Request, scheduler: Scheduler, metrics: Metrics | None = None) -> None:
+    """Wait for every event of a job that is answered in one piece (not streamed)."""
+    async for _ in job_events(job, request, scheduler, metrics):
+        pass
+    if not job.finished:
+        raise APIError(499, "client closed the request", type="server_error")
+
+
 def chat_logprobs(tokenizer: Tokenizer, choice: TokenChoice) -> TokenLogprob:
     def top(token: int, logprob: float) -> TopLogprob:
         raw = tokenizer.token_bytes(token)

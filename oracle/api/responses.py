@@ -18,7 +18,7 @@ from aiohttp import web
 from oracle.engine.sequence import Sequence
 
 from .errors import APIError
-from .generation import job_events, make_sequences, submit
+from .generation import job_events, make_sequences, run_to_end, submit
 from .response_schemas import (
     InputItemList, ResponseDeleted, ResponseObject, ResponseRequest, ResponseUsage, items_to_messages, new_id,
 )
@@ -123,10 +123,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     record = {"items": items, "conversation": conversation}
     if req.stream:
         return await stream_response(request, state, job, seq, builder, record, reserved)
-    async for _ in job_events(job, request, state.scheduler, state.metrics):
-        pass
-    if not job.finished:
-        raise APIError(499, "client closed the request", type="server_error")
+    await run_to_end(job, request, state.scheduler, state.metrics)
     body = builder.final(seq)
     await finish_response(request, req, body, record, reserved)
     return web.json_response(text=body.model_dump_json())

@@ -16,7 +16,7 @@ from shard_common.tokenizer import ChatTemplateError
 
 from .errors import APIError, bad_request, from_validation_error, model_not_found, not_supported
 from .generation import (
-    choice_logprobs, job_events, make_sequences, sampling_params, submit, usage_of,
+    choice_logprobs, job_events, make_sequences, run_to_end, sampling_params, submit, usage_of,
 )
 from .schemas import (
     AssistantMessage, ChatChoice, ClusterStatus, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
@@ -125,10 +125,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         prep.toolset)
     if req.stream:
         return await stream_chat(request, state, job, seqs, answer, req, reserved)
-    async for _ in job_events(job, request, state.scheduler, state.metrics):
-        pass
-    if not job.finished:
-        raise APIError(499, "client closed the request", type="server_error")
+    await run_to_end(job, request, state.scheduler, state.metrics)
     body = answer.completion(seqs)
     await finish_chat(request, req, body, reserved)
     return web.json_response(text=body.model_dump_json())
@@ -329,10 +326,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         response = await stream_completion(request, state, job, groups, ident, created, model, prompt_tokens, req)
         await settle_tokens(request, reserved, usage_of(prompt_tokens, all_seqs).total_tokens)
         return response
-    async for _ in job_events(job, request, state.scheduler, state.metrics):
-        pass
-    if not job.finished:
-        raise APIError(499, "client closed the request", type="server_error")
+    await run_to_end(job, request, state.scheduler, state.metrics)
     choices = []
     for p_index, (ids, seqs) in enumerate(groups):
         if best_of > n:

@@ -70,14 +70,14 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_caches_on_every_scout(swarm
     assert requests.get(swarm.oracle.url + "/health", timeout=5).json()["running_sequences"] == 0
 
 
-def test_an_oracle_restart_keeps_completions_keys_and_limits_and_the_scouts_return(swarm, model_id):
+def test_an_oracle_restart_keeps_completions_responses_keys_and_limits_and_the_scouts_return(swarm, model_id):
     data_dir = swarm.root / "oracle"
     key = create_key("limited", "--rpm", "2", data_dir=data_dir)
     user = client(swarm.oracle.url, key)
     question = dict(model=model_id, messages=[{"role": "user", "content": "Name three colors."}], temperature=0, max_tokens=8)
     mine = user.chat.completions.create(**question, store=True)
     admins = client(swarm.oracle.url, ADMIN_KEY).chat.completions.create(**question, store=True)
-    user.models.list()  # the second request of the minute
+    response = user.responses.create(model=model_id, input="Name three colors.", temperature=0, max_output_tokens=8)
     with pytest.raises(openai.RateLimitError):
         user.models.list()
     swarm.restart_oracle()
@@ -87,6 +87,7 @@ def test_an_oracle_restart_keeps_completions_keys_and_limits_and_the_scouts_retu
     admin = client(swarm.oracle.url, ADMIN_KEY)
     assert admin.chat.completions.retrieve(mine.id).choices[0].message.content == mine.choices[0].message.content
     assert admin.chat.completions.retrieve(admins.id).id == admins.id
+    assert admin.responses.retrieve(response.id).output_text == response.output_text  # responses live in Redis too
     swarm.oracle.wait_for("the Scouts to return", lambda st: min(st["coverage"]) == 2, timeout=120)
     # Once its minute is over the key works again, and sees only its own completions.
     assert patiently(lambda: user.chat.completions.retrieve(mine.id)).id == mine.id

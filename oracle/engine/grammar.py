@@ -139,26 +139,27 @@ class GrammarMatcher:
     def error(self) -> str:
         return self._m.get_error()
 
-    def _unpack(self, words: torch.Tensor) -> torch.Tensor:
+    def _unpack(self, words: np.ndarray) -> torch.Tensor:
         # Bit i of little-endian word w is token 32w + i: unpack the bytes least significant bit first.
-        bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")
-        allowed = torch.from_numpy(bits[:, : self.vocab_size]).bool()
+        allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, : self.vocab_size].view(np.bool_)
         # A matcher in an error state allows nothing; let it end the sequence rather than sample from nothing.
-        empty = ~allowed.any(dim=-1)
-        if bool(empty.any()):
-            allowed[empty, sorted(self.stop_ids)[0]] = True
-        return allowed
+        empty = ~allowed.any(axis=-1)
+        if empty.any():
+            allowed[empty, min(self.stop_ids)] = True
+        return torch.from_numpy(allowed)
 
     def masks(self, draft: list[int]) -> torch.Tensor:
         """Allowed tokens at the next position and after each drafted token: a bool tensor
         (len(draft) + 1, vocab). The matcher is left where it was. Rows past the first drafted
-        token the grammar forbids stay empty: verification rejects that token and reads no further."""
-        words = torch.zeros((len(draft) + 1, self._words), dtype=torch.int32)
+        token the grammar forbids stay empty: verification rejects that token and reads no further.
+
+        NumPy only, no torch op: this runs on a helper thread, and a torch op there would start a
+        second OpenMP team beside the engine's, which on a small machine slows every later step."""
+        words = np.zeros((len(draft) + 1, self._words), dtype=np.int32)
         # Consuming a forbidden token would leave the matcher in an error state for good: walk only the valid prefix.
         walk = self._m.validate_tokens(draft) if draft else 0
         for i in range(walk + 1):
-            row = words[i]
-            self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+            self._m.unsafe_compute_mask_ptr(words[i].ctypes.data, words.shape[1] * 4)
             if i < walk:
                 self._m.consume_token(draft[i])
         if walk:

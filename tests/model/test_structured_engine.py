@@ -5,9 +5,12 @@ leaves the grammar's matcher where the emitted tokens put it."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import jsonschema
 import pytest
+import torch
 
 from oracle.engine.engine import Engine
 from oracle.engine.grammar import Constraint, GrammarCompiler
@@ -124,3 +127,21 @@ def test_masks_for_a_draft_leave_the_matcher_in_place(tokenizer, compiler):
     rows = matcher.masks(bad)
     assert not rows[2, bad[2]] and matcher.valid_prefix(bad) == 2
     assert not matcher.error
+
+
+def test_masks_start_no_torch_threads(tokenizer, compiler):
+    """Masks are computed on a helper thread during the forward pass: a torch op there starts a
+    second OpenMP team that competes with the engine's (measured: decode at 0.41x free generation
+    instead of 0.92x on two cores). A new team shows up as threads that outlive the helper."""
+    matcher = compiler.compile(Constraint.json_schema(PERSON)).matcher()
+    draft = tokenizer.encode('{"name": "Bo')
+    torch.randn(1 << 20).mul(2).sum()  # the main thread's team exists
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    helper = threading.Thread(target=lambda: [matcher.masks(draft) for _ in range(5)])
+    helper.start()
+    helper.join()
+    assert threads() == before

@@ -5,12 +5,12 @@ leaves the grammar's matcher where the emitted tokens put it."""
 from __future__ import annotations
 
 import json
-import os
-import threading
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
 from oracle.engine.engine import Engine
 from oracle.engine.grammar import Constraint, GrammarCompiler
@@ -129,19 +129,27 @@ def test_masks_for_a_draft_leave_the_matcher_in_place(tokenizer, compiler):
     assert not matcher.error
 
 
-def test_masks_start_no_torch_threads(tokenizer, compiler):
+def test_masks_start_no_torch_threads():
     """Masks are computed on a helper thread during the forward pass: a torch op there starts a
     second OpenMP team that competes with the engine's (measured: decode at 0.41x free generation
-    instead of 0.92x on two cores). A new team shows up as threads that outlive the helper."""
-    matcher = compiler.compile(Constraint.json_schema(PERSON)).matcher()
-    draft = tokenizer.encode('{"name": "Bo')
-    torch.randn(1 << 20).mul(2).sum()  # the main thread's team exists
-
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
-
-    before = threads()
-    helper = threading.Thread(target=lambda: [matcher.masks(draft) for _ in range(5)])
-    helper.start()
-    helper.join()
-    assert threads() == before
+    instead of 0.92x on two cores). A new team shows up as threads that outlive the helper;
+    counted in a fresh interpreter, where no other test's threads come and go."""
+    script = """
+import os, threading, torch
+from shard_common.model.loader import load_weights
+from shard_common.tokenizer import Tokenizer
+from oracle.engine.grammar import Constraint, GrammarCompiler
+tokenizer = Tokenizer(load_weights().tokenizer)
+matcher = GrammarCompiler(tokenizer).compile(Constraint.json_schema({"type": "object"})).matcher()
+draft = tokenizer.encode('{"name": "Bo')
+torch.randn(1 << 20).mul(2).sum()  # the main thread's team
+before = len(os.listdir("/proc/self/task"))
+helper = threading.Thread(target=lambda: [matcher.masks(draft) for _ in range(5)])
+helper.start()
+helper.join()
+print(before, len(os.listdir("/proc/self/task")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert after == before

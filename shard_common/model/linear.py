@@ -1,9 +1,13 @@
 """Linear layers over stored weights, choosing the fastest exact-enough kernel per device.
 
-CPU: Q4_0/Q4_1 run on torch's int4 weight-only kernel (lossless: the kernel computes
-(code - 8) * scale + zero, and Q4_1's code * d + m equals that with zero = m + 8d);
+CPU: Q4_0/Q4_1/Q4_K run on torch's int4 weight-only kernel (group 32: the kernel computes
+(code - 8) * scale + zero, and every 4-bit format's code * scale + min equals that with
+zero = min + 8 * scale; Q4_K's scale is d * sc and its min -dmin * m per 32-value sub-block);
+Q5_0/Q5_1 as two such matmuls, the low nibbles and the fifth bit (a 0/1 plane worth 16 steps).
+The kernel keeps scales and zeros in bfloat16, so this is exact only up to their rounding (a
+fraction of a quantization step; tests/unit/test_int4_layers.py states the bound).
 Q8_0 runs on the int8 weight-only kernel after re-quantizing per row (that kernel has one
-scale per output row, GGML has one per 32 values, so this is the one lossy step).
+scale per output row, GGML has one per 32 values: lossy too).
 Everything else, and every weight on CUDA, runs dense in the activation dtype.
 """
 
@@ -15,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from .qtensor import QTensor, split_q4_blocks
+from .qtensor import QTensor, split_int4_planes
 
 log = logging.getLogger(__name__)
 
-INT4_TYPES = (QT.Q4_0, QT.Q4_1)
-NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1)
+NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, *INT4_TYPES)
 _warned_types: set[QT] = set()
 
 
@@ -35,16 +39,21 @@ class DenseLinear(torch.nn.Module):
 
 
 class Int4Linear(torch.nn.Module):
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, bias: torch.Tensor | None):
+    """One int4 matmul per plane (4-bit types have one, 5-bit types two), summed."""
+
+    def __init__(self, planes: list[tuple[torch.Tensor, torch.Tensor]], out_features: int, bias: torch.Tensor | None):
         super().__init__()
-        self.packed = packed
-        self.scales_zeros = scales_zeros
+        self.planes = planes  # (packed codes, scales and zeros) each
         self.out_features = out_features
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, 32, self.scales_zeros)
+        flat = x.reshape(-1, shape[-1])
+        y = None
+        for packed, scales_zeros in self.planes:
+            part = torch._weight_int4pack_mm_for_cpu(flat, packed, 32, scales_zeros)
+            y = part if y is None else y + part
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -91,11 +100,12 @@ def make_linear(
     on_cpu = device.type == "cpu"
     quant_ok = on_cpu and not dense and act_dtype == torch.bfloat16
     if quant_ok and weight.qtype in INT4_TYPES:
-        codes, d, m = split_q4_blocks(weight)
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-        zero = m + 8.0 * d
-        scales_zeros = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return Int4Linear(packed, scales_zeros, weight.rows, b)
+        planes = []
+        for codes, d, m in split_int4_planes(weight):
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+            zero = m + 8.0 * d
+            planes.append((packed, torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()))
+        return Int4Linear(planes, weight.rows, b)
     if quant_ok and weight.qtype == QT.Q8_0:
         q, scale = quantize_rows_int8(weight.dequantize())
         return Int8Linear(q, scale.to(act_dtype), b)

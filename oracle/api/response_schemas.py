@@ -6,7 +6,6 @@ then runs it down the same path as chat completions, so there is one way to gene
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, ClassVar, Literal
 
@@ -224,11 +223,3 @@ class InputItemList(Schema):
     last_id: str | None
     has_more: bool
 
-
-def output_to_text(output: list[dict]) -> str:
-    """The SDK's ``output_text``: every output_text part, in order."""
-    return "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"] if p["type"] == "output_text")
-
-
-def dumps(obj: Schema) -> str:
-    return json.dumps(obj.model_dump(), ensure_ascii=False)

@@ -240,7 +240,7 @@ async def stream_chat(request, state: OracleState, job, seqs, answer: ChatAnswer
             return ChunkDelta(content=content)
         if answer.toolset.legacy:  # the deprecated shape: one call, {name, arguments} then {arguments}
             fn = calls[0]["function"]
-            return ChunkDelta(content=content, function_call={k: v for k, v in fn.items()})
+            return ChunkDelta(content=content, function_call=dict(fn))
         return ChunkDelta(content=content, tool_calls=calls)
 
     async def before(response):
@@ -255,14 +255,13 @@ async def stream_chat(request, state: OracleState, job, seqs, answer: ChatAnswer
             text, calls = streams[index].feed(event.text)
             if event.finish_reason:
                 text += streams[index].flush()
-        # One chunk per tool-call delta (the first may carry the content before the call).
-        for j, call in enumerate(calls[:-1]):
-            await sse(response, answer.chunk([ChunkChoice(index=index, delta=delta(text if j == 0 and text else None, [call]))]))
-        if text and len(calls) > 1:
-            text = ""
-        if text or calls or logprobs is not None:
-            await sse(response, answer.chunk([ChunkChoice(index=index, delta=delta(text or (None if calls else text), calls[-1:]),
-                                                          logprobs=logprobs)]))
+        # One chunk per tool-call delta: the content before the call rides the first, the logprobs the last.
+        pieces = [[call] for call in calls] or [[]]
+        for j, piece in enumerate(pieces):
+            content, last = (text if j == 0 else "") or (None if piece else text), j == len(pieces) - 1
+            if piece or content or (last and logprobs is not None):
+                await sse(response, answer.chunk([ChunkChoice(index=index, delta=delta(content, piece),
+                                                              logprobs=logprobs if last else None)]))
         if event.finish_reason:
             called = streams is not None and streams[index].calls > 0
             await sse(response, answer.chunk([ChunkChoice(index=index, delta=ChunkDelta(),

@@ -20,13 +20,12 @@ from .tools import ToolSet
 
 @dataclass
 class OutputSpec:
-    """A request's constraint and the parameter to blame when it does not compile. ``strict``:
-    the schema must compile as given (OpenAI's strict mode); otherwise keywords the library does
-    not implement are ignored on a second try, and the output is still constrained by the rest."""
+    """A request's constraint and the parameter to blame when it does not compile. Schemas not
+    marked strict are compiled leniently: keywords the library does not implement are ignored
+    and the output is still constrained by the rest (strict ones must compile as given)."""
 
     constraint: Constraint | None
     param: str | None = None
-    strict: bool = True
 
 
 def _answer_schema(response_format: dict | None) -> tuple[dict | None, bool]:
@@ -75,7 +74,7 @@ def _extension(req: ChatCompletionRequest) -> OutputSpec | None:
         schema = json.loads(value) if isinstance(value, str) else value
         if not isinstance(schema, dict):
             raise bad_request(f"{param} must be a JSON schema", param, "invalid_value")
-        return OutputSpec(Constraint.json_schema(schema), param, strict=False)
+        return OutputSpec(Constraint.json_schema(schema, lenient=True), param)
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise bad_request(f"{param} must be a non-empty list of strings", param, "invalid_value")
@@ -97,21 +96,14 @@ def output_spec(req: ChatCompletionRequest, toolset: ToolSet | None) -> OutputSp
         return OutputSpec(toolset.constraint(answer, strict), "tools")
     if answer is None:
         return OutputSpec(None)
-    return OutputSpec(Constraint.json_schema(answer), "response_format", strict)
+    return OutputSpec(Constraint.json_schema(answer, lenient=not strict), "response_format")
 
 
 async def compile_output(compiler: GrammarCompiler, spec: OutputSpec) -> Grammar | None:
     """The compiled grammar (cached by source), compiled on a worker thread; 400 if it cannot be."""
     if spec.constraint is None:
         return None
-    loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(None, compiler.compile, spec.constraint)
-    except GrammarError as first:
-        if not spec.strict and spec.constraint.kind == "json_schema" and not spec.constraint.lenient:
-            lenient = Constraint(spec.constraint.kind, spec.constraint.source, lenient=True)
-            try:
-                return await loop.run_in_executor(None, compiler.compile, lenient)
-            except GrammarError:
-                pass
-        raise bad_request(f"Invalid schema or grammar for {spec.param}: {first}", spec.param, "invalid_value") from None
+        return await asyncio.get_running_loop().run_in_executor(None, compiler.compile, spec.constraint)
+    except GrammarError as e:
+        raise bad_request(f"Invalid schema or grammar for {spec.param}: {e}", spec.param, "invalid_value") from None

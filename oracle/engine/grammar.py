@@ -132,10 +132,6 @@ class GrammarMatcher:
         return self._m.is_stopped()
 
     @property
-    def accepting(self) -> bool:
-        return self._m.is_accepting()
-
-    @property
     def error(self) -> str:
         return self._m.get_error()
 
@@ -174,7 +170,3 @@ class GrammarMatcher:
         if not self._m.is_stopped():
             self._m.consume_token(token)
         self.consumed += 1
-
-    def rollback(self, n: int) -> None:
-        self._m.rollback(n)
-        self.consumed -= n

@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from oracle.api.server import serve
+    from oracle.serve import serve
 
     return serve(args)
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,
                help="compute the blocks no Scout serves (or whose Scouts all died) in this process instead of answering 503")
+    add_option(serve, "--eager-cache-ops", action="store_true", default=False,
+               help="for benchmarks: send every KV cache rollback/fork/free to the Scouts at once, in a round trip of its "
+                    "own, instead of on the hop's next forward")
     add_option(serve, "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                help="dtype of hidden states sent to Scouts (float32 keeps outputs identical to local runs)")
     add_model_options(serve)

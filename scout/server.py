@@ -17,6 +17,7 @@ from shard_common.dataplane import HandshakeError, accept, server_context
 from shard_common.identity import Identity, reply_digest
 from shard_common.model.kv_cache import KVBudgetExceeded, UnknownSession
 from shard_common.model.span import SessionOutOfStep, Span, SpanRequest
+from shard_common.cache_ops import apply_cache_ops
 from shard_common.protocol import Error, Forward, Kind, Result, Welcome
 from .faults import FaultInjector
 from shard_common.wire import DTYPES, FrameError, read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
@@ -153,14 +154,8 @@ class SpanServer:
                 sessions.add(message.session)
                 drafted.id = message.id
                 return Kind.DRAFTED, drafted, b""
-            if kind == Kind.ROLLBACK:
-                await loop.run_in_executor(self.executor, span.rollback, message.session, message.length)
-            elif kind == Kind.FORK:
-                await loop.run_in_executor(self.executor, span.kv.fork, message.source, message.target)
-                sessions.add(message.target)
-            elif kind == Kind.CLOSE:
-                await loop.run_in_executor(self.executor, span.free, message.session)
-                sessions.discard(message.session)
+            if kind == Kind.CACHE:
+                await loop.run_in_executor(self.executor, apply_cache_ops, span, message.ops, sessions)
             elif kind != Kind.PING:
                 return Kind.ERROR, Error(id=message.id, code="unexpected_kind", message=f"{kind.name} is not a request"), b""
             return Kind.RESULT, Result(id=message.id), b""
@@ -174,6 +169,7 @@ class SpanServer:
         if message.shape != (total, span.config.d_model):
             raise ValueError(f"hidden states of shape {message.shape} for {total} tokens of width {span.config.d_model}")
         hidden = tensor_from_bytes(body, message.dtype, message.shape)
+        apply_cache_ops(span, message.ops, sessions)
         requests = [SpanRequest(s.session, s.start, s.n_tokens) for s in message.sessions]
         out = faults.forward(hidden, span.forward(hidden, requests))
         sessions.update(r.session for r in requests)

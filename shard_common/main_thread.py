@@ -49,10 +49,11 @@ class MainThreadExecutor(Executor):
 
 
 def run_servers(main: Callable[[asyncio.Event, threading.Event], Awaitable[None]], executor: MainThreadExecutor,
-                name: str = "server") -> int:
-    """Run ``main(stop, ready)`` on an event loop in its own thread while this (main) thread
-    serves ``executor``. SIGINT/SIGTERM set ``stop``; ``main`` sets ``ready`` once listening."""
-    loop = asyncio.new_event_loop()
+                name: str = "server", loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Run ``main(stop, ready)`` on ``loop`` (a new one by default) in its own thread while this
+    (main) thread serves ``executor``. SIGINT/SIGTERM set ``stop``; ``main`` sets ``ready`` once
+    listening."""
+    loop = loop or asyncio.new_event_loop()
     stop = asyncio.Event()
     ready, finished = threading.Event(), threading.Event()
     errors: list[BaseException] = []
@@ -64,8 +65,10 @@ def run_servers(main: Callable[[asyncio.Event, threading.Event], Awaitable[None]
         except BaseException as e:
             errors.append(e)
         finally:
-            loop.close()
-            finished.set()
+            try:
+                loop.close()
+            finally:
+                finished.set()  # whatever happened above, the main thread must not wait forever
 
     def request_stop(signum, _frame) -> None:
         if finished.is_set() or loop.is_closed():

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
 
-PROTOCOL = "shard-dataplane/1"
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL = "shard-dataplane/2"
 
 
 class Kind(IntEnum):
     HELLO = 1
     WELCOME = 2
     FORWARD = 3
-    ROLLBACK = 4
-    FORK = 5
-    CLOSE = 6
+    CACHE = 4  # KV cache operations alone (they usually ride on the next FORWARD instead)
     PING = 7
     RESULT = 8
     ERROR = 9
@@ -64,24 +64,35 @@ class SessionSlice(BaseModel):
     n_tokens: int = Field(ge=1)
 
 
+class CacheOp(BaseModel):
+    """One KV cache operation: ``rollback`` ``session`` to ``length`` positions, ``fork`` it into
+    ``target``, or ``close`` it (free its cache; an unknown session is already closed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["rollback", "fork", "close"]
+    session: str = Field(max_length=128)
+    length: int | None = Field(default=None, ge=0)
+    target: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "CacheOp":
+        if (self.op == "rollback") != (self.length is not None) or (self.op == "fork") != (self.target is not None):
+            raise ValueError("rollback takes a length, fork a target, close neither")
+        return self
+
+
 class Forward(Message):
+    """Hidden states for ``sessions``; ``ops`` are applied first, in order (rollbacks of rejected
+    drafts, forks, frees: riding here saves each its own round trip)."""
+
     sessions: list[SessionSlice] = Field(min_length=1, max_length=4096)
     dtype: str
     shape: tuple[int, int]
+    ops: list[CacheOp] = Field(default_factory=list, max_length=4096)
 
 
-class Rollback(Message):
-    session: str = Field(max_length=128)
-    length: int = Field(ge=0)
-
-
-class Fork(Message):
-    source: str = Field(max_length=128)
-    target: str = Field(max_length=128)
-
-
-class Close(Message):
-    session: str = Field(max_length=128)
+class CacheOps(Message):
+    ops: list[CacheOp] = Field(min_length=1, max_length=4096)
 
 
 class Ping(Message):
@@ -129,7 +140,6 @@ class Error(Message):
 
 MESSAGES: dict[Kind, type[Message]] = {
     Kind.CHALLENGE: Challenge,
-    Kind.HELLO: Hello, Kind.WELCOME: Welcome, Kind.FORWARD: Forward, Kind.ROLLBACK: Rollback, Kind.FORK: Fork,
-    Kind.CLOSE: Close, Kind.PING: Ping, Kind.RESULT: Result, Kind.ERROR: Error, Kind.DRAFT: Draft,
+    Kind.HELLO: Hello, Kind.WELCOME: Welcome, Kind.FORWARD: Forward, Kind.CACHE: CacheOps, Kind.PING: Ping, Kind.RESULT: Result, Kind.ERROR: Error, Kind.DRAFT: Draft,
     Kind.DRAFTED: Drafted,
 }

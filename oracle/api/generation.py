@@ -7,68 +7,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from oracle.engine.grammar import Grammar
 from oracle.engine.sampler import SamplingParams, TokenChoice
 from oracle.engine.scheduler import GenerationFailed, Job, Overloaded, Scheduler
 from oracle.engine.sequence import Sequence, TokenEvent
 from shard_common.tokenizer import Tokenizer
 
-from .errors import APIError, bad_request
+from .errors import APIError
 from .metrics import Metrics, RequestTimer
-from .schemas import ChoiceLogprobs, SamplingFields, TokenLogprob, TopLogprob, Usage
-
-
-@dataclass
-class RequestLimits:
-    max_n: int = 16
-    max_tokens: int | None = None
-
-
-def sampling_params(
-    req: SamplingFields,
-    tokenizer: Tokenizer,
-    prompt_len: int,
-    context_length: int,
-    limits: RequestLimits,
-    max_tokens: int | None,
-    logprobs: bool,
-    top_logprobs: int,
-    grammar: Grammar | None = None,
-) -> SamplingParams:
-    room = context_length - prompt_len
-    if room <= 0 or (max_tokens is not None and max_tokens > room):
-        asked = max_tokens or 1
-        raise APIError(
-            400,
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the messages, {asked} in the completion). "
-            "Please reduce the length of the messages or completion.",
-            param="messages", code="context_length_exceeded",
-        )
-    if limits.max_tokens is not None and max_tokens is not None and max_tokens > limits.max_tokens:
-        raise bad_request(f"max_tokens is limited to {limits.max_tokens} on this server", "max_tokens", "invalid_value")
-    bias = {}
-    for key, value in (req.logit_bias or {}).items():
-        token = int(key)
-        if not 0 <= token < tokenizer.vocab_size:
-            raise bad_request(f"logit_bias token id {token} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", "logit_bias", "invalid_value")
-        bias[token] = value
-    return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else (limits.max_tokens and min(room, limits.max_tokens) or room),
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=bias,
-        seed=req.seed,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-        stop=req.stop_list_value(),
-        ignore_eos=bool(req.ignore_eos),
-        speculative=req.speculative,
-        grammar=grammar,
-    )
+from .schemas import ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
 
 
 def make_sequences(prompt_ids: list[int], params: SamplingParams, count: int, tokenizer: Tokenizer, context_length: int) -> list[Sequence]:

@@ -23,7 +23,7 @@ from .response_schemas import (
     InputItemList, ResponseDeleted, ResponseObject, ResponseRequest, ResponseUsage, items_to_messages, new_id,
 )
 from .routes import (
-    PreparedChat, check_model, page_params, parse, prepare_chat, reserve_tokens, settle_tokens, start_sse,
+    PreparedChat, check_model, page_params, parse, prepare_chat, reserve_tokens, settle_tokens, start_sse, token_budget,
 )
 from .schemas import ChatMessage
 from .state import STATE, OracleState
@@ -87,14 +87,15 @@ class ResponseBuilder:
         return self.obj("incomplete" if seq.finish_reason == "length" else "completed", self.output(seq), seq)
 
 
-async def _prepare(state: OracleState, req: ResponseRequest, history: list[dict], items: list[dict]) -> tuple[PreparedChat, list[dict]]:
+async def _prepare(state: OracleState, req: ResponseRequest, history: list[dict], items: list[dict],
+                   budget: int | None) -> tuple[PreparedChat, list[dict]]:
     """The chat work for this conversation; with ``truncation: auto``, the oldest items are
     dropped until the prompt fits (``disabled``: the context error stands)."""
     instructions = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     conversation = history + items
     while True:
         try:
-            return await prepare_chat(state, req.to_chat(instructions + items_to_messages(conversation))), conversation
+            return await prepare_chat(state, req.to_chat(instructions + items_to_messages(conversation)), budget), conversation
         except APIError as e:
             if e.code != "context_length_exceeded" or req.truncation != "auto" or len(conversation) <= 1:
                 raise
@@ -115,8 +116,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             raise response_not_found(req.previous_response_id, "previous_response_id")
         history = record["conversation"] + record["response"]["output"]
     items = req.input_items()
-    prep, conversation = await _prepare(state, req, history, items)
-    reserved = await reserve_tokens(request, len(prep.prompt_ids) + (prep.max_tokens or 0))
+    prep, conversation = await _prepare(state, req, history, items, token_budget(request))
+    reserved = await reserve_tokens(request, len(prep.prompt_ids) + prep.params.max_tokens)
     seq = make_sequences(prep.prompt_ids, prep.params, 1, state.tokenizer, state.context_length)[0]
     job = submit(state.scheduler, [seq])
     builder = ResponseBuilder(new_id("resp"), int(time.time()), model, req, prep.toolset, len(prep.prompt_ids))

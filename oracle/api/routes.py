@@ -16,7 +16,7 @@ from shard_common.tokenizer import ChatTemplateError
 
 from .errors import APIError, bad_request, from_validation_error, model_not_found, not_supported
 from .generation import (
-    choice_logprobs, job_events, make_sequences, run_to_end, sampling_params, submit, usage_of,
+    choice_logprobs, job_events, make_sequences, run_to_end, submit, usage_of,
 )
 from .schemas import (
     AssistantMessage, ChatChoice, ClusterStatus, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice,
@@ -87,13 +87,19 @@ class PreparedChat:
     (with the compiled grammar) and the tools the answer may call (None: no call is parsed)."""
 
     prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int | None
+    params: SamplingParams  # max_tokens resolved: what the answer may use, and what is reserved
     toolset: ToolSet | None
 
 
-async def prepare_chat(state: OracleState, req: ChatCompletionRequest) -> PreparedChat:
-    """Shared by chat completions and responses: one way from a request to sequences."""
+def token_budget(request: web.Request) -> int | None:
+    """The most tokens one request of this key may spend (None: no limit)."""
+    key = request["key"]
+    return key.tpm if request.app[STATE].rate_limits is not None and key.tpm > 0 else None
+
+
+async def prepare_chat(state: OracleState, req: ChatCompletionRequest, budget: int | None = None) -> PreparedChat:
+    """Shared by chat completions and responses: one way from a request to sequences
+    (``budget``: the key's ``token_budget``)."""
     for name in ChatCompletionRequest.UNSUPPORTED:
         if getattr(req, name) is not None:
             raise not_supported(name)
@@ -106,19 +112,18 @@ async def prepare_chat(state: OracleState, req: ChatCompletionRequest) -> Prepar
         prompt_ids = state.tokenizer.encode_chat(render_messages(req.messages, toolset))
     except ChatTemplateError as e:
         raise bad_request(f"The chat template rejected these messages: {e}", "messages") from None
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    params = sampling_params(req, state.tokenizer, len(prompt_ids), state.context_length, state.limits, max_tokens,
-                             bool(req.logprobs), req.top_logprobs or 0, grammar)
-    return PreparedChat(prompt_ids, params, max_tokens, toolset if toolset is not None and toolset.mode != "none" else None)
+    params = req.to_sampling_params(state.tokenizer.vocab_size, len(prompt_ids), state.context_length, state.limits, grammar,
+                                    budget)
+    return PreparedChat(prompt_ids, params, toolset if toolset is not None and toolset.mode != "none" else None)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
     model = check_model(state, req.model)
-    prep = await prepare_chat(state, req)
+    prep = await prepare_chat(state, req, token_budget(request))
     n = req.n or 1
-    reserved = await reserve_tokens(request, len(prep.prompt_ids) + (prep.max_tokens or 0) * n)
+    reserved = await reserve_tokens(request, len(prep.prompt_ids) + prep.params.max_tokens * n)
     seqs = make_sequences(prep.prompt_ids, prep.params, n, state.tokenizer, state.context_length)
     job = submit(state.scheduler, seqs)
     answer = ChatAnswer(state, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, len(prep.prompt_ids), bool(req.logprobs),
@@ -307,17 +312,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if any(not 0 <= t < tok.vocab_size for t in ids):
             raise bad_request("prompt contains a token id outside the vocabulary", "prompt", "invalid_value")
         encoded.append(ids)
-    max_tokens = req.max_tokens if req.max_tokens is not None else 16
-    top = req.logprobs or 0
     groups, all_seqs = [], []
     for ids in encoded:
-        params = sampling_params(req, tok, len(ids), state.context_length, state.limits, max_tokens,
-                                 req.logprobs is not None or best_of > n, top)
+        params = req.to_sampling_params(tok.vocab_size, len(ids), state.context_length, state.limits)
         seqs = make_sequences(ids, params, best_of, tok, state.context_length)
         groups.append((ids, seqs))
         all_seqs.extend(seqs)
     prompt_tokens = sum(len(ids) for ids in encoded)
-    reserved = await reserve_tokens(request, prompt_tokens + max_tokens * len(all_seqs))
+    reserved = await reserve_tokens(request, prompt_tokens + sum(s.params.max_tokens for s in all_seqs))
     job = submit(state.scheduler, all_seqs)
     ident = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())

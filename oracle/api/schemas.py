@@ -6,11 +6,27 @@ that a request using them is rejected with a 400 naming the field instead of sil
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from oracle.engine.sampler import SamplingParams
+
+from .errors import APIError, bad_request
+
+if TYPE_CHECKING:
+    from oracle.engine.grammar import Grammar
+
 MAX_STOP = 4
+
+
+@dataclass
+class RequestLimits:
+    """The server's own limits on what one request may ask."""
+
+    max_n: int = 16
+    max_tokens: int | None = None
 
 
 def check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -105,6 +121,66 @@ class SamplingFields(Schema):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def asked_max_tokens(self) -> int | None:
+        """The completion length the client asked for (None: as long as the context allows)."""
+        return self.max_tokens
+
+    def asked_logprobs(self) -> tuple[bool, int]:
+        """(whether to compute logprobs, how many alternatives per token)."""
+        return False, 0
+
+    def to_sampling_params(self, vocab_size: int, prompt_len: int, context_length: int, limits: RequestLimits,
+                           grammar: Grammar | None = None, token_budget: int | None = None) -> SamplingParams:
+        """This request as the engine's parameters, decided once: everything downstream (the
+        sequences, the rate-limit reservation, usage) reads ``max_tokens`` from the result.
+
+        ``token_budget``: the most tokens the key may spend on one request (its tokens per
+        minute). A request that names no length gets what the context and that budget allow, so
+        its reservation covers everything it can generate."""
+        asked = self.asked_max_tokens()
+        room = context_length - prompt_len
+        if room <= 0 or (asked is not None and asked > room):
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context_length} tokens. However, you requested "
+                f"{prompt_len + (asked or 1)} tokens ({prompt_len} in the messages, {asked or 1} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param="messages", code="context_length_exceeded",
+            )
+        if limits.max_tokens is not None and asked is not None and asked > limits.max_tokens:
+            raise bad_request(f"max_tokens is limited to {limits.max_tokens} on this server", "max_tokens", "invalid_value")
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key)
+            if not 0 <= token < vocab_size:
+                raise bad_request(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias",
+                                  "invalid_value")
+            bias[token] = value
+        max_tokens = asked if asked is not None else min(room, limits.max_tokens or room)
+        if asked is None and token_budget is not None:
+            affordable = (token_budget - prompt_len) // (self.n or 1)
+            if affordable < 1:
+                raise APIError(429, f"This request needs more than {token_budget} tokens (its prompt has {prompt_len}) but the "
+                               f"key's limit is {token_budget} tokens per minute.", type="tokens", code="rate_limit_exceeded")
+            max_tokens = min(max_tokens, affordable)
+        logprobs, top_logprobs = self.asked_logprobs()
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias,
+            seed=self.seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            stop=self.stop_list_value(),
+            ignore_eos=bool(self.ignore_eos),
+            speculative=self.speculative,
+            grammar=grammar,
+        )
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -144,6 +220,12 @@ class ChatCompletionRequest(SamplingFields):
         "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
     )
 
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def asked_logprobs(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
+
 
 TokenArray = list[int]
 
@@ -154,6 +236,13 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=20)
     suffix: str | None = None
+
+    def asked_max_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens  # the legacy API's default
+
+    def asked_logprobs(self) -> tuple[bool, int]:
+        # best_of > n ranks candidates by their summed logprobs, so they are computed anyway.
+        return self.logprobs is not None or (self.best_of or 1) > (self.n or 1), self.logprobs or 0
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -366,14 +455,18 @@ class StoredMessageList(CursorPage):
 class ScoutStatus(Schema):
     peer_id: str
     address: str | None  # data plane HOST:PORT (None until the Oracle has connected)
+    reached: Literal["direct", "scout-dialed"] | None = None  # who opened the data-plane connection
     span: tuple[int, int] | None
     state: Literal["active", "spare", "joining", "quarantined", "refused", "dead"]
     reputation: str | None = None  # active / quarantined / banned, from golden tickets
     cooldown_s: float | None = None  # it stopped answering: seconds until it is tried again
+    reachable: bool | None = None
+    probation_left: int | None = None  # forwards still to be mirrored by the Oracle before use
     role: Literal["span", "draft"] = "span"  # draft: proposes tokens for speculative decoding
     refused: str | None = None  # why the Oracle will not use it
     sessions: int = 0  # sessions the Oracle routes through it
     requests: int = 0
+    round_trips: dict[str, int] = {}  # data-plane requests by kind (forward, cache, ping, draft)
     last_ms: float | None = None
     latency_ms: float | None = None  # smoothed forward round trip: the routing weight
     forwards: int = 0
@@ -438,6 +531,14 @@ class SpeculationStatus(Schema):
     tokens_per_pass: float | None
 
 
+class DataPlaneStatus(Schema):
+    passes: int  # forward passes through the whole route
+    round_trips: int  # data-plane requests to Scouts those passes took (replays and cache operations included)
+    round_trips_per_pass: float | None  # = hops per pass when cache operations ride on forwards
+    failovers: int
+    piggyback: bool  # cache operations ride on the next forward (off: serve --eager-cache-ops)
+
+
 class ClusterStatus(Schema):
     model: str
     n_layers: int
@@ -450,6 +551,7 @@ class ClusterStatus(Schema):
     local_spans: list[tuple[int, int]]  # spans the Oracle computes itself (--fallback-local)
     scouts: list[ScoutStatus]
     failovers: int
+    data_plane: DataPlaneStatus | None = None
     tickets: dict | None = None  # golden tickets: passed, failed, rate, tolerance, honest error p50/max
     sessions: int
     running_sequences: int

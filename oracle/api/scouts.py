@@ -1,5 +1,6 @@
 """Operator endpoints for Scout reputation (admin key): list, bans, one Scout with its evidence,
-unban, reset. The state itself lives in Redis (oracle/store/reputation.py)."""
+unban, reset. The state lives in Redis (oracle/trust/reputation.py); the Oracle's running view of
+it in PeerHealth (oracle/trust/health.py), told of every operator decision."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def reputation_store(request: web.Request):
     state: OracleState = request.app[STATE]
     if not request["key"].is_admin:
         raise APIError(403, "Scout reputation needs an admin key", type="permission_error", code="admin_required")
-    if state.swarm is None or state.swarm.reputation is None:
+    if state.swarm is None or state.swarm.health.reputation is None:
         raise APIError(404, "This Oracle runs no swarm, so it keeps no Scout reputation", code="not_found")
-    return state.swarm, state.swarm.reputation
+    return state.swarm.health, state.swarm.health.reputation
 
 
 def view(record: dict) -> ScoutReputation:
@@ -41,12 +42,12 @@ async def list_bans(request: web.Request) -> web.Response:
 
 
 async def _one(request: web.Request) -> tuple[object, object, str, dict]:
-    swarm, store = reputation_store(request)
+    health, store = reputation_store(request)
     peer = request.match_info["peer_id"]
     record = (await store.list()).get(peer)
     if record is None:
         raise APIError(404, f"No reputation recorded for Scout '{peer}'", param="peer_id", code="not_found")
-    return swarm, store, peer, record
+    return health, store, peer, record
 
 
 async def get_scout(request: web.Request) -> web.Response:
@@ -56,15 +57,15 @@ async def get_scout(request: web.Request) -> web.Response:
 
 
 async def unban(request: web.Request) -> web.Response:
-    swarm, store, peer, _ = await _one(request)
+    health, store, peer, _ = await _one(request)
     await store.set_state(peer, "active")
-    swarm.apply_state(peer, "active")
+    health.set_trust(peer, "active")
     _, _, _, record = await _one(request)
     return web.json_response(text=view(record).model_dump_json())
 
 
 async def reset(request: web.Request) -> web.Response:
-    swarm, store, peer, _ = await _one(request)
+    health, store, peer, _ = await _one(request)
     await store.reset(peer)
-    swarm.apply_state(peer, "active")
+    health.set_trust(peer, "active")
     return web.json_response(text=ScoutReputationDeleted(peer_id=peer, deleted=True).model_dump_json())

@@ -14,7 +14,7 @@ from oracle.swarm.swarm import Swarm
 from shard_common.tokenizer import Tokenizer
 
 from .auth import Authenticator, RateLimits
-from .generation import RequestLimits
+from .schemas import RequestLimits
 from .metrics import Metrics
 
 

@@ -1,11 +1,10 @@
-"""Build an engine that runs every block in this process."""
+"""Build an engine that runs every block in this process (``shard-oracle generate``, benchmarks)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from shard_common.model.ends import ModelEnds
 from shard_common.model.loader import load_weights
@@ -15,7 +14,7 @@ from shard_common.model.weights import ModelWeights
 from shard_common.tokenizer import Tokenizer
 
 from .engine import Engine
-from .pipeline import LocalPipeline, Pipeline
+from .pipeline import LocalPipeline
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,12 @@ class LocalModel:
 
 
 def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
-                      pipeline_for: Callable[[ModelWeights], Pipeline | None] | None = None, speculative: str = "off") -> LocalModel:
-    """The engine over the pipeline ``pipeline_for(weights)`` gives, or over all blocks in this
-    process when it gives none."""
+                      speculative: str = "off") -> LocalModel:
     t0 = time.monotonic()
     weights = load_weights(model, quantize=quantize)
     runtime = Runtime.pick(backend)
     tokenizer = Tokenizer(weights.tokenizer)
-    pipeline = pipeline_for(weights) if pipeline_for else None
-    if pipeline is None:
-        pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
+    pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
     engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer, speculative=speculative)
     log.info("model %s ready in %.1fs (%s, %s on %s)", weights.name, time.monotonic() - t0, backend, runtime.dtype, runtime.device)
     return LocalModel(weights, tokenizer, engine)

@@ -17,7 +17,7 @@ from shard_common.p2p.announcements import (
 from shard_common.p2p.node import P2PConfig, P2PNode
 
 from .placement import Candidate, Span, plan
-from .remote import ScoutAddress
+from .connection import ScoutAddress
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class ModelOffer:
 class OracleControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, offer: ModelOffer, span_limit: int = 0,
                  heartbeat_seconds: float = 1.0, dead_after_seconds: float = 3.0, reprovide_seconds: float = 30.0,
-                 swarm_secret: str | None = None, allow_peers: set[str] | None = None):
+                 swarm_secret: str | None = None, allow_peers: set[str] | None = None,
+                 refuse_peer: Callable[[str], str | None] = lambda peer: None):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.offer = offer
@@ -64,7 +65,7 @@ class OracleControl:
         self.scouts: dict[str, ScoutRecord] = {}
         self.assignments: dict[str, Span] = {}
         self.busy: set[str] = set()  # peers carrying sessions, told by the swarm: moved last
-        self.refuse_peer: Callable[[str], str | None] = lambda peer: None  # a ban, say: why to ignore a peer
+        self.refuse_peer = refuse_peer  # a ban, say: why to ignore a peer
         self._seq = 0
         self._joined = False  # a peer joined since the DHT record was last stored
         self._task: asyncio.Task | None = None

@@ -14,7 +14,7 @@ from oracle.engine.sampler import SamplingParams
 from oracle.engine.speculative import Draft, NgramDrafter
 from shard_common.protocol import Draft as DraftRequest
 
-from .remote import ScoutConnection, ScoutError
+from .connection import ScoutConnection, ScoutError
 
 log = logging.getLogger(__name__)
 

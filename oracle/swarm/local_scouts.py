@@ -1,8 +1,10 @@
 """Scout processes started by the Oracle on this machine (``serve --local-scouts N``): they join
-over libp2p like remote Scouts, and the Oracle assigns their spans."""
+over libp2p like remote Scouts, and the Oracle assigns their spans. One that dies is started again
+(in its own data dir, so it comes back with the same identity)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from shard_common.processes import stop_process
 
-from .remote import ScoutAddress
+from .connection import ScoutAddress
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +74,44 @@ def start_local_scouts(count: int, data_dir: Path, extra: list[str], drafts: int
             s.stop()
         raise
     return started
+
+
+class LocalScouts:
+    """The local Scouts of one Oracle: started once its control plane listens, watched, restarted."""
+
+    WATCH_SECONDS = 1.0
+
+    def __init__(self, count: int, drafts: int, data_dir: Path, extra: list[str]):
+        self.count, self.drafts = count, drafts
+        self.data_dir = data_dir
+        self.extra = extra
+        self.scouts: list[LocalScout] = []
+        self.restarts = 0
+        self._watch: asyncio.Task | None = None
+
+    async def start(self, bootstrap: str) -> None:
+        self.extra = [*self.extra, "--bootstrap", bootstrap]
+        self.scouts = await asyncio.to_thread(start_local_scouts, self.count, self.data_dir, self.extra, self.drafts)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.WATCH_SECONDS)
+            for i, scout in enumerate(self.scouts):
+                if scout.proc.poll() is None:
+                    continue
+                log.warning("local Scout %s exited with %s; starting it again", scout.address.peer_id if scout.address else i,
+                            scout.proc.returncode)
+                scout.stop()
+                data_dir = scout.log_path.parent
+                extra = [*self.extra, "--role", "draft"] if i >= self.count else self.extra
+                try:
+                    self.scouts[i] = await asyncio.to_thread(LocalScout, None, data_dir, extra)
+                    self.restarts += 1
+                except (RuntimeError, TimeoutError, OSError) as e:
+                    log.warning("local Scout %d did not start again: %s", i, e)
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await asyncio.to_thread(lambda: [s.stop() for s in self.scouts])

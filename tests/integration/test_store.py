@@ -136,6 +136,18 @@ def test_tpm_enforced(two_oracles, shared_redis, model_id):
         c.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=1000, temperature=0)
 
 
+def test_a_request_without_max_tokens_never_spends_past_the_key_limit(two_oracles, shared_redis, model_id):
+    """It used to reserve only its prompt and then generate up to the context window."""
+    a, _ = two_oracles
+    key = create_key("tpm-open", "--rpm", "100", "--tpm", "120", redis_url=shared_redis.url)
+    c = client(a.url, key)
+    long = [{"role": "user", "content": "Count from 1 to 500, one number per line."}]
+    body = c.chat.completions.create(model=model_id, messages=long, temperature=0, extra_body={"ignore_eos": True})
+    assert body.usage.total_tokens <= 120 and body.choices[0].finish_reason == "length"
+    with pytest.raises(openai.RateLimitError):  # the reservation covered everything it could generate: spent
+        c.chat.completions.create(model=model_id, messages=long, temperature=0)
+
+
 # --- stored completions -----------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from oracle.swarm.remote import ScoutAddress, ScoutConnection, ScoutError
+from oracle.swarm.connection import ScoutAddress, ScoutConnection, ScoutError
+from shard_common.protocol import CacheOp
 from scout.server import SpanServer
 from shard_common.dataplane import HandshakeError, client_context, connect
 from shard_common.identity import Identity, peer_id_of, verify_reply
@@ -53,11 +54,20 @@ def test_forward_over_the_wire_matches_local(tiny_span, quant_parts, tmp_path):
         out = await conn.forward(hidden, [SpanRequest("w", 0, 4)], "float32")
         assert verify_reply(ident.peer_id, **conn.last_reply)  # the reply is bound to the Scout's identity
         assert not verify_reply(Identity.generate().peer_id, **conn.last_reply)
-        await conn.rollback("w", 2)
+        await conn.cache([CacheOp(op="rollback", session="w", length=2)])
         await conn.ping()
         with pytest.raises(ScoutError, match="SessionOutOfStep"):
             await conn.forward(hidden[:1], [SpanRequest("w", 5, 1)], "float32")
-        await conn.free("w")
+        # Cache operations riding on a forward apply first, in order: fork w into v, roll v back
+        # to 1, close w; then v's position 1 is computed in the same request.
+        ops = [CacheOp(op="fork", session="w", target="v"), CacheOp(op="rollback", session="v", length=1),
+               CacheOp(op="close", session="w")]
+        again = await conn.forward(hidden[1:2], [SpanRequest("v", 1, 1)], "float32", ops)
+        assert torch.equal(again, out[1:2])
+        with pytest.raises(ScoutError, match="UnknownSession"):  # w is gone
+            await conn.cache([CacheOp(op="rollback", session="w", length=1)])
+        assert conn.round_trips == {"forward": 3, "cache": 2, "ping": 1}
+        await conn.free("v")
         await conn.close()
         return out
 

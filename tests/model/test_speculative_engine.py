@@ -10,7 +10,8 @@ from oracle.engine.pipeline import LocalPipeline
 from oracle.engine.sampler import SamplingParams
 from oracle.engine.sequence import Sequence
 from oracle.engine.speculative import Draft
-from oracle.swarm.remote import RemotePipeline
+from oracle.swarm.runner import SwarmPipeline
+from oracle.trust.health import PeerHealth
 from shard_common.model.span import Span, SpanRequest
 
 from ..unit.test_speculative import chi_square_p
@@ -65,7 +66,7 @@ def test_greedy_speculation_survives_a_failover(weights, tokenizer, quant_parts)
     expected = run(Engine(ends, LocalPipeline(span), tokenizer, speculative="ngram"), tokenizer, PROMPTS[:2], temperature=0)
     hops = [Hop(weights, runtime, 0, 12, "first"), Hop(weights, runtime, 12, 30, "doomed", dies_after=5),
             Hop(weights, runtime, 12, 30, "replica")]
-    pipeline = RemotePipeline(lambda: hops, 30, loop=None)
+    pipeline = SwarmPipeline(lambda: hops, 30, None, PeerHealth())
     routed = run(Engine(ends, pipeline, tokenizer, speculative="ngram"), tokenizer, PROMPTS[:2], temperature=0)
     assert pipeline.failovers == 1
     for a, b in zip(expected, routed):

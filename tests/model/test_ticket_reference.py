@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle.swarm.reference import ReferenceModel
-from oracle.swarm.remote import relative_error
-from oracle.swarm.tickets import TicketPolicy
+from oracle.trust.reference import ReferenceModel
+from oracle.trust.verdicts import Verdicts, relative_error
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span, SpanRequest
 from shard_common.wire import through_wire
@@ -19,7 +18,7 @@ def test_honest_scouts_pass_and_noisy_ones_fail(weights, tokenizer, quant_parts,
     runtime, _, ends = quant_parts
     reference = ReferenceModel(weights, runtime)
     rows = ends.embed(tokenizer.encode_chat([{"role": "user", "content": "Explain how a bicycle stays upright."}])).float()
-    tolerance = TicketPolicy().tolerance
+    tolerance = Verdicts(None).tolerance
     for backend in ("quant", "dense"):  # a Scout on other kernels and fp32 activations is honest too
         scout = Span(weights, 12, 30, Runtime.pick(backend))
         inputs, expected = reference.ticket(rows, (12, 30), wire)

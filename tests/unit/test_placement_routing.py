@@ -3,8 +3,9 @@ from types import SimpleNamespace
 import pytest
 
 from oracle.swarm.placement import Candidate, coverage, first_gap, plan
-from oracle.swarm.remote import ScoutAddress, trim_chunks
-from oracle.swarm.routing import NoRoute, shortest_path
+from oracle.swarm.connection import ScoutAddress
+from oracle.swarm.history import trim_chunks
+from oracle.swarm.router import LOCAL_HOP_COST, NoRoute, RouteOption, choose_route, hop_cost, uncovered
 
 
 def test_trim_chunks_keeps_the_feeding_pattern():
@@ -101,11 +102,11 @@ def test_lopsided_replication_is_evened_out_by_idle_scouts_only():
 # ---- routing -----------------------------------------------------------------------------------
 
 def hop(start, end, name, cost=1.0):
-    return SimpleNamespace(span=(start, end), name=name, cost=cost)
+    return SimpleNamespace(span=(start, end), name=name, option=RouteOption((start, end), latency_ms=cost))
 
 
 def route(hops, start=0, end=30):
-    return [h.name for h in shortest_path(hops, start, end, lambda h: h.cost, lambda h: h.span)]
+    return [hops[i].name for i in choose_route([h.option for h in hops], start, end)]
 
 
 def test_shortest_path_takes_the_cheapest_chain_and_reports_gaps():
@@ -116,3 +117,20 @@ def test_shortest_path_takes_the_cheapest_chain_and_reports_gaps():
     assert route([a, b], 10, 30) == ["b"]
     with pytest.raises(NoRoute, match="no Scout serves block 10"):
         route([a])
+
+
+def test_hop_cost_weighs_latency_load_and_makes_local_blocks_a_last_resort():
+    assert hop_cost(RouteOption((0, 10), latency_ms=4.0, sessions=8)) == 8.0
+    assert hop_cost(RouteOption((0, 10))) == hop_cost(RouteOption((0, 10), latency_ms=5.0))  # unmeasured
+    assert hop_cost(RouteOption((0, 10), latency_ms=1.0, local=True)) == LOCAL_HOP_COST
+    local = SimpleNamespace(span=(10, 30), name="local", option=RouteOption((10, 30), local=True))
+    remote = SimpleNamespace(span=(10, 30), name="remote", option=RouteOption((10, 30), latency_ms=500.0))
+    assert route([hop(0, 10, "a"), local, remote]) == ["a", "remote"]
+    assert route([hop(0, 10, "a"), local]) == ["a", "local"]
+
+
+def test_uncovered_lists_the_stretches_no_span_serves():
+    assert uncovered([(0, 10), (20, 30)], 0, 30) == [(10, 20)]
+    assert uncovered([(0, 10), (5, 30)], 0, 30) == []
+    assert uncovered([], 5, 9) == [(5, 9)]
+    assert uncovered([(0, 12)], 10, 30) == [(12, 30)]

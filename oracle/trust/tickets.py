@@ -7,10 +7,9 @@ between real requests. The Oracle computes the span's output for the same input 
 (one worker thread) and compares: a relative L2 error above the tolerance fails the ticket.
 
 When: after a ``rate`` fraction of a Scout's forwards (a Scout's first ``probation`` forwards are
-instead mirrored: checked against the Oracle's own computation before they are used, see
-RemotePipeline); an idle Scout gets one every ``idle_seconds``, a quarantined one every ``quarantined_seconds``
-(it gets no traffic but keeps being judged). Results go to the reputation store, whose state
-(active / quarantined / banned) the swarm applies through ``on_state``.
+instead mirrored, see mirror.py); an idle Scout gets one every ``idle_seconds``, a quarantined one
+every ``quarantined_seconds`` (it gets no traffic but keeps being judged). Verdicts go to
+``PeerHealth`` through ``Verdicts``; the swarm asks ``PeerHealth`` before it uses a Scout.
 """
 
 from __future__ import annotations
@@ -27,11 +26,11 @@ from typing import Callable
 import torch
 
 from oracle.engine.sequence import new_session_id
-from oracle.store.reputation import ReputationStore
+from oracle.swarm.connection import ScoutConnection, ScoutError
 from shard_common.model.span import SpanRequest
 
 from .reference import ReferenceModel
-from .remote import ScoutConnection, ScoutError, relative_error
+from .verdicts import Verdicts, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +41,31 @@ class TicketPolicy:
     probation: int = 3  # a new Scout's first forwards are mirrored: checked by the Oracle before use
     idle_seconds: float = 60.0
     quarantined_seconds: float = 2.0
-    tolerance: float = 0.05  # relative L2 error; honest Scouts measured 0 (same kernels) to 0.012 (fp32 activations)
     max_tokens: int = 48  # ticket prompt length (a prefix of a real prompt)
 
 
 class Auditor:
-    def __init__(self, reference: ReferenceModel, executor: Executor, store: ReputationStore, wire_dtype: str,
-                 scouts: Callable[[], list[ScoutConnection]], on_state: Callable[[str, str], None],
+    def __init__(self, reference: ReferenceModel, executor: Executor, verdicts: Verdicts, wire_dtype: str,
                  policy: TicketPolicy | None = None, fallback_prompts: list[torch.Tensor] | None = None):
         self.reference = reference
         self.executor = executor  # the engine's: the reference runs between steps, off the event loop
-        self.store = store
+        self.verdicts = verdicts
+        self.health = verdicts.health
         self.wire_dtype = wire_dtype
-        self.scouts = scouts
-        self.on_state = on_state
         self.policy = policy or TicketPolicy()
         # Recent real prompts as embedded rows (inputs to block 0), newest last; tickets reuse them.
         self.samples: list[torch.Tensor] = [p[: self.policy.max_tokens].float() for p in fallback_prompts or []]
         self.last_ticket: dict[str, float] = {}
-        self.passed = self.failed = 0
-        self.errors: list[float] = []  # relative errors of passed tickets (calibration, newest last)
+        self.scouts: Callable[[], list[ScoutConnection]] = lambda: []
         self._queue: asyncio.Queue[ScoutConnection] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._random = random.Random()
 
-    def start(self) -> None:
+    def start(self, scouts: Callable[[], list[ScoutConnection]]) -> None:
+        """Begin auditing ``scouts()`` (the span Scouts the swarm holds connections to, quarantined
+        ones included)."""
+        self.scouts = scouts
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._run())
 
@@ -111,7 +109,7 @@ class Auditor:
         every ``idle_seconds``, quarantined ones every ``quarantined_seconds``)."""
         now = time.monotonic()
         due = [s for s in self.scouts() if now - self.last_ticket.get(s.address.peer_id, 0.0) >=
-               (self.policy.quarantined_seconds if s.quarantined else self.policy.idle_seconds)]
+               (self.policy.quarantined_seconds if self.health.trust(s.address.peer_id) != "active" else self.policy.idle_seconds)]
         return min(due, key=lambda s: self.last_ticket.get(s.address.peer_id, 0.0), default=None)
 
     async def ticket(self, scout: ScoutConnection) -> bool:
@@ -128,49 +126,15 @@ class Auditor:
         reply = scout.last_reply  # taken before the next await lets real traffic through
         await scout.free(session)
         error = relative_error(output, expected)
-        passed = error <= self.policy.tolerance
-        evidence = None
-        if passed:
-            self.passed += 1
-            self.errors = (self.errors + [error])[-1000:]
-        else:
-            self.failed += 1
-            evidence = {
-                "time": time.time(), "span": list(span), "tokens": len(rows), "wire_dtype": self.wire_dtype,
-                "input_sha256": hashlib.sha256(inputs.numpy().tobytes()).hexdigest(),
-                "relative_error": error, "tolerance": self.policy.tolerance,
-                "expected_norm": float(expected.norm()), "received_norm": float(output.float().norm()),
-                "expected_head": [round(v, 4) for v in expected[-1, :4].tolist()],
-                "received_head": [round(v, 4) for v in output[-1, :4].float().tolist()],
-                "reply": reply,  # signed by the Scout: shard_common.identity.verify_reply checks it
-            }
-            log.warning("Scout %s failed a golden ticket on blocks [%d, %d): relative error %.3g > %.3g",
-                        peer, span[0], span[1], error, self.policy.tolerance)
-        await self.judge(peer, passed, evidence)
-        return passed
-
-    async def judge(self, peer: str, passed: bool, evidence: dict | None = None) -> None:
-        state = await self.store.record(peer, passed, evidence)
-        self.on_state(peer, state)
-
-    def mirrored(self, scout: ScoutConnection, error: float) -> bool:
-        """A forward of a Scout on probation was checked against the Oracle's own computation
-        (on the engine's thread): count it like a ticket. Returns whether it passed."""
-        passed = error <= self.policy.tolerance
-        if passed:
-            self.passed += 1
-            self.errors = (self.errors + [error])[-1000:]
-        else:
-            self.failed += 1
-            log.warning("Scout %s on probation sent a wrong answer on blocks [%d, %d): relative error %.3g",
-                        scout.address.peer_id, *scout.span, error)
-        evidence = None if passed else {"time": time.time(), "span": list(scout.span), "check": "probation mirror",
-                                        "relative_error": error, "tolerance": self.policy.tolerance}
-        asyncio.run_coroutine_threadsafe(self.judge(scout.address.peer_id, passed, evidence), self._loop)
-        return passed
+        evidence = {
+            "tokens": len(rows), "wire_dtype": self.wire_dtype,
+            "input_sha256": hashlib.sha256(inputs.numpy().tobytes()).hexdigest(),
+            "expected_norm": float(expected.norm()), "received_norm": float(output.float().norm()),
+            "expected_head": [round(v, 4) for v in expected[-1, :4].tolist()],
+            "received_head": [round(v, 4) for v in output[-1, :4].float().tolist()],
+            "reply": reply,  # signed by the Scout: shard_common.identity.verify_reply checks it
+        }
+        return self.verdicts.judge(peer, span, error, "ticket", evidence)
 
     def status(self) -> dict:
-        errors = sorted(self.errors)
-        return {"passed": self.passed, "failed": self.failed, "rate": self.policy.rate, "tolerance": self.policy.tolerance,
-                "honest_error_p50": errors[len(errors) // 2] if errors else None,
-                "honest_error_max": errors[-1] if errors else None}
+        return {**self.verdicts.status(), "rate": self.policy.rate}

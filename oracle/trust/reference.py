@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from oracle.engine.pipeline import LocalPipeline
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span, SpanRequest
 from shard_common.model.weights import ModelWeights
 from shard_common.wire import through_wire
-
-from .remote import LocalHop
 
 
 class ReferenceModel:
@@ -18,16 +17,16 @@ class ReferenceModel:
         self.weights = weights
         self.runtime = runtime
         self.kv_budget_bytes = kv_budget_bytes
-        self._hops: dict[tuple[int, int], LocalHop] = {}
+        self._hops: dict[tuple[int, int], LocalPipeline] = {}
 
-    def hop(self, start: int, end: int) -> LocalHop:
+    def hop(self, start: int, end: int) -> LocalPipeline:
         """Blocks [start, end) computed here (one per range, built on first use)."""
         hop = self._hops.get((start, end))
         if hop is None:
-            hop = self._hops[(start, end)] = LocalHop(Span(self.weights, start, end, self.runtime, self.kv_budget_bytes))
+            hop = self._hops[(start, end)] = LocalPipeline(Span(self.weights, start, end, self.runtime, self.kv_budget_bytes))
         return hop
 
-    def hops(self) -> list[LocalHop]:
+    def hops(self) -> list[LocalPipeline]:
         return list(self._hops.values())
 
     @torch.inference_mode()

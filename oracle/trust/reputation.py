@@ -2,21 +2,18 @@
 (active / quarantined / banned), and the evidence of every failure.
 
 One Lua script records a result and applies the policy atomically, so Oracle replicas sharing a
-Redis agree, and the state survives restarts. While Redis is away the last known states are used
-and results are dropped (a Scout is judged again by its next tickets).
+Redis agree, and the state survives restarts. This module only stores; what the Oracle currently
+believes about a peer lives in ``PeerHealth`` (oracle/trust/health.py), which keeps using the last
+known states while Redis is away.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-log = logging.getLogger(__name__)
 
 STATES = ("active", "quarantined", "banned")
 
@@ -67,46 +64,30 @@ class TrustPolicy:
 
 
 class ReputationStore:
-    def __init__(self, client: aioredis.Redis | None, prefix: str = "shard:", policy: TrustPolicy | None = None):
+    def __init__(self, client: aioredis.Redis, prefix: str = "shard:", policy: TrustPolicy | None = None):
         self.client = client
         self.prefix = prefix
         self.policy = policy or TrustPolicy()
-        self.states: dict[str, tuple[str, float]] = {}  # last known (state, ban_until) per peer
-        self._script = client.register_script(RECORD_SCRIPT) if client is not None else None
+        self._script = client.register_script(RECORD_SCRIPT)
 
     def _key(self, peer: str) -> str:
         return f"{self.prefix}rep:{peer}"
 
-    def state(self, peer: str) -> str:
-        state, ban_until = self.states.get(peer, ("active", 0.0))
-        if state == "banned" and ban_until <= time.time():
-            return "quarantined"  # probation after a ban: it earns its way back with clean tickets
-        return state
-
-    async def record(self, peer: str, passed: bool, evidence: dict | None = None) -> str:
-        """Count one ticket; returns the peer's state after it."""
+    async def record(self, peer: str, passed: bool, evidence: dict | None = None) -> tuple[str, float]:
+        """Count one verdict; returns the peer's (state, ban_until) after it. Raises RedisError or
+        OSError when Redis is away."""
         p = self.policy
-        if self._script is None:
-            return self.state(peer)
-        try:
-            state, ban_until = await self._script(
-                keys=[self._key(peer), self._key(peer) + ":evidence"],
-                args=[1 if passed else 0, time.time(), p.window, p.quarantine_failures, p.ban_failures, p.ban_seconds,
-                      json.dumps(evidence or {}), p.evidence_kept])
-        except (RedisError, OSError) as e:
-            log.warning("reputation not recorded for %s (Redis: %s)", peer, e)
-            return self.state(peer)
-        self.states[peer] = (state, float(ban_until))
-        return self.state(peer)
+        state, ban_until = await self._script(
+            keys=[self._key(peer), self._key(peer) + ":evidence"],
+            args=[1 if passed else 0, time.time(), p.window, p.quarantine_failures, p.ban_failures, p.ban_seconds,
+                  json.dumps(evidence or {}), p.evidence_kept])
+        return state, float(ban_until)
 
-    async def load(self) -> None:
-        """Every known peer's state, at start (reputation survives Oracle restarts)."""
-        for peer, record in (await self.list()).items():
-            self.states[peer] = (record["state"], record["ban_until"])
+    async def states(self) -> dict[str, tuple[str, float]]:
+        """Every known peer's (state, ban_until): reputation survives Oracle restarts."""
+        return {peer: (r["state"], r["ban_until"]) for peer, r in (await self.list()).items()}
 
     async def list(self) -> dict[str, dict]:
-        if self.client is None:
-            return {}
         out = {}
         async for key in self.client.scan_iter(match=f"{self.prefix}rep:*", count=500):
             if key.endswith(":evidence"):
@@ -121,22 +102,16 @@ class ReputationStore:
         return out
 
     async def evidence(self, peer: str) -> list[dict]:
-        if self.client is None:
-            return []
         return [json.loads(e) for e in await self.client.lrange(self._key(peer) + ":evidence", 0, -1)]
 
     async def set_state(self, peer: str, state: str) -> bool:
         """An operator's decision (unban: back to active with a clean window). False: unknown peer."""
-        if self.client is None or not await self.client.exists(self._key(peer)):
+        if not await self.client.exists(self._key(peer)):
             return False
         await self.client.hset(self._key(peer), mapping={"state": state, "ban_until": "0", "recent": ""})
-        self.states[peer] = (state, 0.0)
         return True
 
     async def reset(self, peer: str) -> bool:
         """Forget everything about ``peer``. False: unknown peer."""
-        if self.client is None:
-            return False
         removed = await self.client.delete(self._key(peer), self._key(peer) + ":evidence")
-        self.states.pop(peer, None)
         return removed > 0

@@ -1,0 +1,260 @@
+"""Running the engine's steps over the swarm: the engine's Pipeline, hop by hop through each
+session's route. Called on the engine's thread; network work runs on the event loop (``loop``)
+that owns the connections.
+
+- Routes: a session gets its chain of hops when it starts, chosen by router.py over the hops
+  ``PeerHealth`` calls usable; a batched step groups its sessions by route.
+- Failover: when a hop fails (or may no longer be used: quarantined, failed its probation check),
+  every session routed through it gets a replacement for that hop's blocks (a replica, a Scout
+  that took the blocks over, or the Oracle's own blocks with ``fill``), and its caches there are
+  rebuilt from history.py before its next step. With no replacement yet, the step waits up to
+  ``reroute_seconds`` for one (a Scout taking the blocks over). The client sees a pause.
+- Fewer round trips: rollbacks (rejected drafts), forks and frees wait for the hop's next
+  forward and ride on it; a hop left with no session gets its pending operations at once.
+- Probation: a forward of a Scout on probation is checked by the trust package's mirror before its
+  output is used; the auditor hears of every forward (golden tickets follow some).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from oracle.trust.health import PeerHealth
+from oracle.trust.mirror import ProbationMirror
+from oracle.trust.tickets import Auditor
+from shard_common.model.span import SpanRequest
+from shard_common.protocol import CacheOp
+
+from .connection import ScoutUnreachable
+from .history import SessionHistory
+from .local_hop import LocalFactory, LocalHop
+from .router import NoRoute, RouteOption, choose_route, uncovered
+
+log = logging.getLogger(__name__)
+
+
+class SwarmPipeline:
+    def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop | None,
+                 health: PeerHealth, wire_dtype: str = "float32", fill: LocalFactory | None = None,
+                 reroute_seconds: float = 20.0, auditor: Auditor | None = None, mirror: ProbationMirror | None = None,
+                 piggyback: bool = True):
+        self.hops = hops  # the hops that serve spans now (Scout connections)
+        self.n_layers = n_layers
+        self.loop = loop
+        self.health = health
+        self.wire_dtype = wire_dtype
+        self.fill = fill
+        self.reroute_seconds = reroute_seconds
+        self.auditor = auditor
+        self.mirror = mirror
+        self.piggyback = piggyback  # False: every cache operation costs its own round trip (benchmarks)
+        self.routes: dict[str, list] = {}
+        self.history = SessionHistory()
+        self.stale: set[tuple[str, object]] = set()  # (session, hop) whose cache there must be rebuilt
+        self.pending: dict[object, list[CacheOp]] = {}  # cache operations waiting for the hop's next forward
+        self.local_hops: dict[tuple[int, int], LocalHop] = {}
+        self.failovers = 0
+        self.passes = 0  # forward passes through the whole route
+        self.round_trips = 0  # data-plane requests to Scouts made for those passes (replays included)
+
+    def _call(self, hop, method: str, *args):
+        """A Scout's request runs on the event loop that owns its connection; a LocalHop's right here."""
+        result = getattr(hop, method)(*args)
+        if not inspect.iscoroutine(result):
+            return result
+        self.round_trips += 1
+        return asyncio.run_coroutine_threadsafe(result, self.loop).result()
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    def load(self) -> dict[object, int]:
+        counts: dict[object, int] = {}
+        for route in self.routes.values():
+            for hop in route:
+                counts[hop] = counts.get(hop, 0) + 1
+        return counts
+
+    def _candidates(self, start: int, end: int) -> list:
+        live = [h for h in self.hops() if not h.dead and self.health.usable(h.peer_id)]
+        if self.fill is not None:
+            for gap in uncovered([h.span for h in live], start, end):
+                if gap not in self.local_hops:
+                    self.local_hops[gap] = self.fill(*gap)
+                live.append(self.local_hops[gap])
+        return live
+
+    def path(self, start: int = 0, end: int | None = None) -> list:
+        """The cheapest usable hops covering blocks [start, end) now."""
+        end = self.n_layers if end is None else end
+        load = self.load()
+        hops = self._candidates(start, end)
+        options = [RouteOption(h.span, h.latency_ms, load.get(h, 0), h.local) for h in hops]
+        try:
+            return [hops[i] for i in choose_route(options, start, end)]
+        except NoRoute as e:
+            raise ScoutUnreachable(f"no route through the swarm: {e}") from None
+
+    def _wait_for_path(self, start: int, end: int, why: str) -> list:
+        """A path over blocks [start, end), waiting up to ``reroute_seconds`` for one to appear
+        (a replica finishing its load, a Scout taking over the blocks, a restarted Scout)."""
+        deadline = time.monotonic() + self.reroute_seconds
+        while True:
+            try:
+                return self.path(start, end)
+            except ScoutUnreachable as e:
+                if time.monotonic() > deadline:
+                    raise ScoutUnreachable(f"{e} ({why}; waited {self.reroute_seconds:.0f} s)") from None
+                time.sleep(0.25)
+
+    def _route_of(self, r: SpanRequest) -> list:
+        route = self.routes.get(r.session)
+        if route is None:
+            route = self.routes[r.session] = self._wait_for_path(0, self.n_layers, "a new session")
+            if r.start > 0:  # a session we lost track of: rebuild it everywhere from its history
+                self.stale.update((r.session, hop) for hop in route)
+        return route
+
+    def _reroute(self, failed) -> None:
+        """Give every session routed through ``failed`` a replacement for its blocks."""
+        replacement = self._wait_for_path(*failed.span, f"no Scout left after {failed.peer_id} failed")
+        moved = [session for session, route in self.routes.items() if failed in route]
+        for session in moved:
+            route = self.routes[session]
+            i = route.index(failed)
+            route[i:i + 1] = replacement
+            self.stale.update((session, hop) for hop in replacement)
+        self.stale = {(s, h) for s, h in self.stale if h is not failed}
+        self.pending.pop(failed, None)
+        if not failed.dead:  # alive but unusable (quarantined): its caches of the moved sessions go
+            self.pending[failed] = [CacheOp(op="close", session=s) for s in moved]
+            self._flush_if_idle([failed])
+        self.failovers += 1
+        log.warning("blocks [%d, %d) moved from %s to %s; %d sessions will be replayed", failed.span[0], failed.span[1],
+                    failed.peer_id, " → ".join(h.peer_id for h in replacement), len(moved))
+
+    # ---- the Pipeline protocol ------------------------------------------------------------------
+
+    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(self._route_of(r)), []).append(i)
+        offsets = list(itertools.accumulate((r.n_tokens for r in requests), initial=0))
+        # A prompt read in this step: material for golden tickets (real hidden states).
+        prompt = next((hidden[offsets[i]:offsets[i + 1]] for i, r in enumerate(requests) if r.start == 0 and r.n_tokens > 1), None)
+        if len(groups) == 1:
+            out = self._run_group(hidden, requests, prompt).float()
+        else:
+            out = torch.empty(hidden.shape, dtype=torch.float32)
+            for indices in groups.values():
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
+                out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices], prompt).float()
+        for r, offset in zip(requests, offsets):
+            self.history.record(r, hidden[offset:offset + r.n_tokens])
+        self.passes += 1
+        return out
+
+    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Sessions sharing one route, hop by hop; a failed (or no longer usable) hop is replaced
+        and the step goes on."""
+        i = 0
+        while i < len(self.routes[requests[0].session]):
+            hop = self.routes[requests[0].session][i]
+            try:
+                if not hop.local and not self.health.usable(hop.peer_id):
+                    raise ScoutUnreachable(f"Scout {hop.peer_id} may not carry traffic now ({self.health.trust(hop.peer_id)})")
+                for r in requests:
+                    if (r.session, hop) in self.stale:
+                        self._replay(r, i)
+                out = self._call(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
+                if not hop.local:
+                    if self.mirror is not None and self.health.probation_left(hop.peer_id) > 0 and \
+                            not self.mirror.check(hop.peer_id, hop.span, x, out, requests):
+                        raise ScoutUnreachable(f"Scout {hop.peer_id} failed its probation check")
+                    if self.auditor is not None:
+                        self.auditor.observe(hop, prompt)
+                x = out
+                i += 1
+            except ScoutUnreachable as e:
+                log.warning("hop %d: %s", i, e)
+                self._reroute(hop)
+        return x
+
+    def _replay(self, r: SpanRequest, i: int) -> None:
+        """Rebuild ``r.session``'s cache on hop ``i`` of its route, in its original chunks."""
+        route = self.routes[r.session]
+        scratch = f"{r.session}~replay"
+        for position, x in self.history.replay(r.session, r.start):
+            n = len(x)
+            for hop in route[:i]:
+                x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype, self.pending.pop(hop, []))
+            self._call(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype, self.pending.pop(route[i], []))
+        for hop in route[:i]:
+            self.pending.setdefault(hop, []).append(CacheOp(op="close", session=scratch))
+        self.stale.discard((r.session, route[i]))
+
+    def _queue(self, session: str, op: CacheOp, also: str | None = None) -> None:
+        """A cache operation for ``session`` on every hop of its route, except hops where its cache
+        is due to be rebuilt anyway (there ``also`` is marked for rebuilding too)."""
+        for hop in list(self.routes.get(session, [])):
+            if (session, hop) in self.stale:
+                if also is not None:
+                    self.stale.add((also, hop))
+                continue
+            self.pending.setdefault(hop, []).append(op)
+            if not self.piggyback:
+                self._flush(hop, session, also)
+
+    def _flush(self, hop, session: str | None = None, also: str | None = None) -> None:
+        """Send ``hop``'s pending operations now, in a round trip of their own."""
+        ops = self.pending.pop(hop, [])
+        if not ops:
+            return
+        try:
+            self._call(hop, "cache", ops)
+        except ScoutUnreachable as e:
+            log.warning("cache operations on %s: %s", hop.peer_id, e)
+            if session is not None and session in self.routes and any(o.op != "close" for o in ops):
+                self._reroute(hop)
+                if also is not None:
+                    self.stale.update((also, h) for h in self.routes[session] if (session, h) in self.stale)
+
+    def _flush_if_idle(self, hops: list) -> None:
+        """Operations for hops no session runs through would wait forever for a forward."""
+        load = self.load()
+        for hop in hops:
+            if hop not in load and not hop.dead:
+                self._flush(hop)
+
+    def rollback(self, session: str, length: int) -> None:
+        if self.mirror is not None:
+            self.mirror.forget(session, length)
+        self.history.rollback(session, length)
+        self._queue(session, CacheOp(op="rollback", session=session, length=length))
+
+    def fork(self, source: str, target: str) -> None:
+        self.history.fork(source, target)
+        if source in self.routes:
+            self.routes[target] = list(self.routes[source])
+        self._queue(source, CacheOp(op="fork", session=source, target=target), also=target)
+
+    def free(self, session: str) -> None:
+        if self.mirror is not None:
+            self.mirror.forget(session)
+        self.history.free(session)
+        route = self.routes.get(session, [])
+        self._queue(session, CacheOp(op="close", session=session))
+        self.routes.pop(session, None)
+        self.stale = {(s, h) for s, h in self.stale if s != session}
+        self._flush_if_idle(route)
+
+    def status(self) -> dict:
+        return {"passes": self.passes, "round_trips": self.round_trips, "failovers": self.failovers,
+                "round_trips_per_pass": round(self.round_trips / self.passes, 3) if self.passes else None,
+                "piggyback": self.piggyback}

@@ -1,0 +1,49 @@
+"""Judging one output against the Oracle's own: the tolerance, the calibration record of honest
+errors, and the verdict handed to ``PeerHealth``. Golden tickets and probation mirrors both judge
+through here, so both count the same way."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .health import Outcome, PeerHealth
+
+log = logging.getLogger(__name__)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
+
+
+class Verdicts:
+    def __init__(self, health: PeerHealth, tolerance: float = 0.05):
+        self.health = health
+        self.tolerance = tolerance  # relative L2 error; honest Scouts measured 0 (same kernels) to 0.012 (fp32 activations)
+        self.passed = self.failed = 0
+        self.errors: list[float] = []  # relative errors of passed checks (calibration, newest last)
+
+    def judge(self, peer: str, span: tuple[int, int], error: float, check: str, evidence: dict | None = None) -> bool:
+        """``check``: "ticket" or "mirror". Returns whether it passed."""
+        passed = error <= self.tolerance
+        if passed:
+            self.passed += 1
+            self.errors = (self.errors + [error])[-1000:]
+        else:
+            self.failed += 1
+            evidence = {"time": time.time(), "check": check, "span": list(span), "relative_error": error,
+                        "tolerance": self.tolerance, **(evidence or {})}
+            log.warning("Scout %s failed a %s check on blocks [%d, %d): relative error %.3g > %.3g",
+                        peer, "golden ticket" if check == "ticket" else "probation mirror", span[0], span[1], error, self.tolerance)
+        outcome = {("ticket", True): Outcome.TICKET_PASSED, ("ticket", False): Outcome.TICKET_FAILED,
+                   ("mirror", True): Outcome.MIRROR_PASSED, ("mirror", False): Outcome.MIRROR_FAILED}[check, passed]
+        self.health.record(peer, outcome, None if passed else evidence)
+        return passed
+
+    def status(self) -> dict:
+        errors = sorted(self.errors)
+        return {"passed": self.passed, "failed": self.failed, "tolerance": self.tolerance,
+                "honest_error_p50": errors[len(errors) // 2] if errors else None,
+                "honest_error_max": errors[-1] if errors else None}

@@ -13,7 +13,10 @@ import queue
 import signal
 import threading
 from concurrent.futures import Executor, Future
-from typing import Awaitable, Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Awaitable, Callable, Coroutine, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,29 @@ class MainThreadExecutor(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True
+
+
+class LoopStopped(RuntimeError):
+    """The event loop this thread was waiting on has stopped: the process is shutting down."""
+
+
+def wait_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, object, T], poll_seconds: float = 0.25) -> T:
+    """Run ``coro`` on ``loop`` (another thread's) and wait for its result. Unlike
+    ``run_coroutine_threadsafe(...).result()`` this never waits on a loop that has stopped: a
+    coroutine scheduled on a loop that stops before running it would leave the caller (the
+    main thread, which the stop itself waits for) waiting forever."""
+    try:
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # the loop is closed
+        coro.close()
+        raise LoopStopped("the event loop has stopped") from None
+    while True:
+        try:
+            return future.result(timeout=poll_seconds)
+        except FutureTimeout:
+            if loop.is_closed() or not loop.is_running():
+                future.cancel()
+                raise LoopStopped("the event loop has stopped") from None
 
 
 def run_servers(main: Callable[[asyncio.Event, threading.Event], Awaitable[None]], executor: MainThreadExecutor,

@@ -18,6 +18,10 @@ class Pipeline(Protocol):
 
     def free(self, session: str) -> None: ...
 
+    def abort(self) -> None:
+        """Called on the event loop at shutdown: make a step that waits on something fail now."""
+        ...
+
 
 class LocalPipeline:
     """All blocks in this process."""
@@ -36,3 +40,6 @@ class LocalPipeline:
 
     def free(self, session: str) -> None:
         self.local.free(session)
+
+    def abort(self) -> None:
+        pass  # a local step never waits on anything

@@ -99,6 +99,9 @@ class Scheduler:
                     await self._task
                 except asyncio.CancelledError:
                     pass
+                # A step may still be waiting on a Scout that froze: make it fail now, or the
+                # releases below would queue behind it for as long as the Scout stays silent.
+                self.engine.pipeline.abort()
                 for job in self.running:
                     job.events.put_nowait(GenerationFailed("the server shut down before this request finished"))
                 await self._release(self.running)

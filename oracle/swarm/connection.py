@@ -128,6 +128,13 @@ class ScoutConnection:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
 
+    def abort(self) -> None:
+        """Cut the connection now (no TLS goodbye a frozen peer would never answer): a request
+        waiting on it fails at once."""
+        self.dead = True
+        if self._writer is not None:
+            self._writer.transport.abort()
+
     async def _request(self, kind: Kind, message, body: bytes = b"", timeout: float | None = None):
         peer = self.address.peer_id
         if self.dead:

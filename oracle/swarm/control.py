@@ -123,8 +123,7 @@ class OracleControl:
         now = time.monotonic()
         for peer, record in self.scouts.items():
             if not record.dead and now - record.last_seen > self.dead_after_seconds:
-                record.dead = True
-                self.assignments.pop(peer, None)
+                record.dead = True  # its assignment goes at the next placement, which heals the hole it left
                 log.warning("Scout %s is dead: no heartbeat for %.1f s", peer, now - record.last_seen)
 
     def _candidate(self, record: ScoutRecord) -> Candidate:

@@ -12,6 +12,7 @@ import torch
 
 from oracle.engine.sampler import SamplingParams
 from oracle.engine.speculative import Draft, NgramDrafter
+from shard_common.main_thread import LoopStopped, wait_on_loop
 from shard_common.protocol import Draft as DraftRequest
 
 from .connection import ScoutConnection, ScoutError
@@ -69,7 +70,7 @@ class ScoutDrafter:
         request = DraftRequest(session=session, start=start, tokens=tokens[start:], k=k,
                                temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p, seed=params.seed)
         try:
-            drafted = asyncio.run_coroutine_threadsafe(scout.draft(request, self.deadline_seconds), self.loop).result()
+            drafted = wait_on_loop(self.loop, scout.draft(request, self.deadline_seconds))
         except ScoutError as e:
             self.failures += 1
             log.warning("draft Scout %s did not draft for %s: %s; prompt lookup this step", scout.address.peer_id, session, e)
@@ -96,6 +97,6 @@ class ScoutDrafter:
         self.held.pop(session, None)
         if scout is not None and not scout.dead:
             try:
-                asyncio.run_coroutine_threadsafe(scout.free(session), self.loop).result()
-            except ScoutError:
+                wait_on_loop(self.loop, scout.free(session))
+            except (ScoutError, LoopStopped):
                 pass  # gone: its caches went with it

@@ -20,7 +20,7 @@ class LocalHop(LocalPipeline):
 
     def __init__(self, span: Span, peer_id: str | None = None):
         super().__init__(span)
-        self.peer_id = peer_id or f"oracle-local[{span.start}:{span.end})"
+        self.peer_id = peer_id or "oracle-local"
 
     @property
     def span(self) -> tuple[int, int]:

@@ -66,7 +66,8 @@ def _valid(span: Span | None, n_layers: int, max_blocks: int) -> bool:
 
 
 def plan(n_layers: int, candidates: list[Candidate], current: dict[str, Span], span_limit: int = 0) -> dict[str, Span]:
-    """The new assignment (peer id → span) for the live ``candidates``, given the ``current`` one.
+    """The new assignment (peer id → span) for the live ``candidates``, given the ``current`` one
+    (which may still name Scouts that just died: their blocks are the ones to heal).
 
     ``span_limit`` caps every span's length (0: only memory limits it)."""
     by_id = {c.peer_id: c for c in candidates}
@@ -91,8 +92,42 @@ def plan(n_layers: int, candidates: list[Candidate], current: dict[str, Span], s
             break
         mover = min(redundant, key=lambda c: (c.busy, c.throughput, c.peer_id))
         assigned[mover.peer_id] = gap[0], min(gap[1], gap[0] + length_of(mover))
+    gone = [span for peer, span in current.items() if peer not in by_id]
+    _extend_over_holes(n_layers, assigned, by_id, coverage(gone, n_layers))
     _rebalance(n_layers, assigned, by_id, length_of)
     return assigned
+
+
+def _extend_over_holes(n_layers: int, assigned: dict[str, Span], by_id: dict[str, Candidate], lost: list[int]) -> None:
+    """Holes no spare Scout can fill, where the last Scout of some blocks just went away (``lost``
+    counts, per block, the Scouts in the current assignment that are gone): a neighbour whose
+    memory holds more extends its span over the hole, past ``span_limit`` if need be — a swarm
+    that covers every block beats an even split. (A hole nobody served yet is left to Scouts that
+    join: a swarm starting up keeps its even split.) Each step covers at least one more block."""
+    for _ in range(n_layers):
+        counts = coverage(list(assigned.values()), n_layers)
+        holes = [b for b in range(n_layers) if counts[b] == 0 and lost[b]]
+        if not holes:
+            return
+        start = end = holes[0]
+        while end < n_layers and counts[end] == 0:
+            end += 1
+        while start > 0 and counts[start - 1] == 0:
+            start -= 1
+        options = []
+        for peer, (s, e) in assigned.items():
+            room = by_id[peer].max_blocks - (e - s)
+            if room <= 0:
+                continue
+            if e == start:  # the hole is right after it
+                options.append((peer, (s, min(end, e + room))))
+            elif s == end:  # right before it
+                options.append((peer, (max(start, s - room), e)))
+        if not options:
+            return
+        # Cover as much of the hole as possible; among equals, the fastest Scout.
+        peer, span = max(options, key=lambda o: (min(o[1][1], end) - max(o[1][0], start), by_id[o[0]].throughput, o[0]))
+        assigned[peer] = span
 
 
 def _rebalance(n_layers: int, assigned: dict[str, Span], by_id: dict[str, Candidate], length_of) -> None:

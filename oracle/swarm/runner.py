@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -29,6 +30,7 @@ import torch
 from oracle.trust.health import PeerHealth
 from oracle.trust.mirror import ProbationMirror
 from oracle.trust.tickets import Auditor
+from shard_common.main_thread import wait_on_loop
 from shard_common.model.span import SpanRequest
 from shard_common.protocol import CacheOp
 
@@ -61,6 +63,7 @@ class SwarmPipeline:
         self.pending: dict[object, list[CacheOp]] = {}  # cache operations waiting for the hop's next forward
         self.local_hops: dict[tuple[int, int], LocalHop] = {}
         self.failovers = 0
+        self.stopping = threading.Event()  # set by the swarm's close(): no more waiting for routes
         self.passes = 0  # forward passes through the whole route
         self.round_trips = 0  # data-plane requests to Scouts made for those passes (replays included)
 
@@ -70,7 +73,7 @@ class SwarmPipeline:
         if not inspect.iscoroutine(result):
             return result
         self.round_trips += 1
-        return asyncio.run_coroutine_threadsafe(result, self.loop).result()
+        return wait_on_loop(self.loop, result)
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -109,7 +112,7 @@ class SwarmPipeline:
             try:
                 return self.path(start, end)
             except ScoutUnreachable as e:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.stopping.is_set():
                     raise ScoutUnreachable(f"{e} ({why}; waited {self.reroute_seconds:.0f} s)") from None
                 time.sleep(0.25)
 
@@ -121,23 +124,54 @@ class SwarmPipeline:
                 self.stale.update((r.session, hop) for hop in route)
         return route
 
-    def _reroute(self, failed) -> None:
-        """Give every session routed through ``failed`` a replacement for its blocks."""
-        replacement = self._wait_for_path(*failed.span, f"no Scout left after {failed.peer_id} failed")
+    def _repair(self, route: list, i: int, why: str) -> tuple[list, int]:
+        """A new route for one whose hop ``i`` failed, and the first index where it differs.
+
+        The failed hop's blocks alone are replaced when some usable hops cover exactly them (a
+        replica, two Scouts with another boundary); otherwise the window widens over its
+        neighbours — a survivor that extended its span over the hole covers more than the dead
+        hop did. Waits up to ``reroute_seconds`` for either (a Scout taking the blocks over)."""
+        deadline = time.monotonic() + self.reroute_seconds
+        windows = sorted(((j, k) for j in range(i + 1) for k in range(i, len(route))), key=lambda w: (w[1] - w[0], w))
+        while True:
+            for j, k in windows:
+                try:
+                    return route[:j] + self.path(route[j].span[0], route[k].span[1]) + route[k + 1:], j
+                except ScoutUnreachable as e:
+                    problem = e
+            if time.monotonic() > deadline or self.stopping.is_set():
+                raise ScoutUnreachable(f"{problem} ({why}; waited {self.reroute_seconds:.0f} s)") from None
+            time.sleep(0.25)
+
+    def _reroute(self, failed) -> dict[tuple, tuple[list, int]]:
+        """Give every session routed through ``failed`` a working route; returns, per old route,
+        the new one and where they start to differ."""
+        repaired: dict[tuple, tuple[list, int]] = {}
         moved = [session for session, route in self.routes.items() if failed in route]
+        dropped: dict[object, list[str]] = {}  # hops left behind, with the sessions whose caches there go
         for session in moved:
-            route = self.routes[session]
-            i = route.index(failed)
-            route[i:i + 1] = replacement
-            self.stale.update((session, hop) for hop in replacement)
-        self.stale = {(s, h) for s, h in self.stale if h is not failed}
+            old = self.routes[session]
+            if tuple(old) not in repaired:
+                repaired[tuple(old)] = self._repair(old, old.index(failed), f"no Scout left after {failed.peer_id} failed")
+            new, _ = repaired[tuple(old)]
+            self.routes[session] = list(new)
+            self.stale.update((session, hop) for hop in new if hop not in old)
+            for hop in old:
+                if hop not in new and hop is not failed:
+                    dropped.setdefault(hop, []).append(session)
+        self.stale = {(s, h) for s, h in self.stale if h is not failed and (h not in dropped or s not in dropped[h])}
         self.pending.pop(failed, None)
         if not failed.dead:  # alive but unusable (quarantined): its caches of the moved sessions go
-            self.pending[failed] = [CacheOp(op="close", session=s) for s in moved]
-            self._flush_if_idle([failed])
+            dropped[failed] = moved
+        for hop, sessions in dropped.items():
+            if not hop.dead:
+                self.pending.setdefault(hop, []).extend(CacheOp(op="close", session=s) for s in sessions)
+        self._flush_if_idle(list(dropped))
         self.failovers += 1
-        log.warning("blocks [%d, %d) moved from %s to %s; %d sessions will be replayed", failed.span[0], failed.span[1],
-                    failed.peer_id, " → ".join(h.peer_id for h in replacement), len(moved))
+        for old, (new, _) in repaired.items():
+            log.warning("%s failed: route %s became %s; %d sessions will be replayed where they are new", failed.peer_id,
+                        " → ".join(h.peer_id for h in old), " → ".join(h.peer_id for h in new), len(moved))
+        return repaired
 
     # ---- the Pipeline protocol ------------------------------------------------------------------
 
@@ -162,8 +196,8 @@ class SwarmPipeline:
 
     def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Sessions sharing one route, hop by hop; a failed (or no longer usable) hop is replaced
-        and the step goes on."""
-        i = 0
+        and the step goes on from the first hop that changed."""
+        i, inputs = 0, [x]  # inputs[i]: what hop i of the route receives in this step
         while i < len(self.routes[requests[0].session]):
             hop = self.routes[requests[0].session][i]
             try:
@@ -181,20 +215,28 @@ class SwarmPipeline:
                         self.auditor.observe(hop, prompt)
                 x = out
                 i += 1
+                inputs.append(x)
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
-                self._reroute(hop)
+                route = tuple(self.routes[requests[0].session])
+                _, i = self._reroute(hop)[route]
+                inputs, x = inputs[:i + 1], inputs[i]
         return x
 
     def _replay(self, r: SpanRequest, i: int) -> None:
-        """Rebuild ``r.session``'s cache on hop ``i`` of its route, in its original chunks."""
+        """Rebuild ``r.session``'s cache on hop ``i`` of its route, chunk by chunk as first fed;
+        where drafts were rejected, the rollback rides on the hop's next forward."""
         route = self.routes[r.session]
         scratch = f"{r.session}~replay"
-        for position, x in self.history.replay(r.session, r.start):
+        for position, x, keep in self.history.replay(r.session, r.start):
             n = len(x)
             for hop in route[:i]:
                 x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype, self.pending.pop(hop, []))
+                if keep < n:
+                    self.pending.setdefault(hop, []).append(CacheOp(op="rollback", session=scratch, length=position + keep))
             self._call(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype, self.pending.pop(route[i], []))
+            if keep < n:
+                self.pending.setdefault(route[i], []).append(CacheOp(op="rollback", session=r.session, length=position + keep))
         for hop in route[:i]:
             self.pending.setdefault(hop, []).append(CacheOp(op="close", session=scratch))
         self.stale.discard((r.session, route[i]))
@@ -253,6 +295,14 @@ class SwarmPipeline:
         self.routes.pop(session, None)
         self.stale = {(s, h) for s, h in self.stale if s != session}
         self._flush_if_idle(route)
+
+    def abort(self) -> None:
+        """On the event loop, at shutdown: no more waiting for routes, and a forward waiting on a
+        Scout that froze fails at once (its connection is cut)."""
+        self.stopping.set()
+        for hop in self.hops():
+            if not hop.local:
+                hop.abort()
 
     def status(self) -> dict:
         return {"passes": self.passes, "round_trips": self.round_trips, "failovers": self.failovers,

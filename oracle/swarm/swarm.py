@@ -153,6 +153,7 @@ class Swarm:
         return self.pipeline is not None and not self.problem
 
     async def close(self) -> None:
+        self.pipeline.abort()
         if self._task is not None:
             self._task.cancel()
         if self.auditor is not None:

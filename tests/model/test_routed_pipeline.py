@@ -94,3 +94,16 @@ def test_rollbacks_and_frees_ride_on_the_next_forward(weights, tokenizer, quant_
             assert rollbacks == 0 and all(h.cache_calls > len(prompts) for h in hops)
         assert all(h.local.kv.sessions == {} for h in hops) and pipeline.pending == {}
     assert runs[True] == runs[False]
+
+
+def test_a_hole_covered_by_a_survivor_that_extended_its_span(weights, tokenizer, quant_parts, engine):
+    """No replica of the dead hop: a neighbour's wider span (a survivor that took the blocks over)
+    replaces both, the step resumes at the first hop that changed, and the tokens stay the same."""
+    runtime, _, ends = quant_parts
+    expected = generate(engine, tokenizer, PROMPTS[:2])
+    a, doomed, c = Hop(weights, runtime, 0, 10, "a"), Hop(weights, runtime, 10, 20, "doomed", dies_after=5), Hop(weights, runtime, 20, 30, "c")
+    wider = Hop(weights, runtime, 0, 20, "a-extended")
+    pipeline = SwarmPipeline(lambda: [a, doomed, c] + ([wider] if doomed.dead else []), 30, None, PeerHealth())
+    assert generate(Engine(ends, pipeline, tokenizer), tokenizer, PROMPTS[:2]) == expected
+    assert pipeline.failovers == 1 and wider.forwards > 0
+    assert all(h.local.kv.sessions == {} for h in (a, c, wider)) and pipeline.pending == {}  # a's caches were closed

@@ -4,15 +4,29 @@ import pytest
 
 from oracle.swarm.placement import Candidate, coverage, first_gap, plan
 from oracle.swarm.connection import ScoutAddress
-from oracle.swarm.history import trim_chunks
+from oracle.swarm.history import SessionHistory
+from shard_common.model.span import SpanRequest
 from oracle.swarm.router import LOCAL_HOP_COST, NoRoute, RouteOption, choose_route, hop_cost, uncovered
 
 
-def test_trim_chunks_keeps_the_feeding_pattern():
-    assert trim_chunks([37, 1, 1, 1], 39) == [37, 1, 1]
-    assert trim_chunks([37, 1, 1], 20) == [20]
-    assert trim_chunks([5, 5], 10) == [5, 5]
-    assert trim_chunks([], 0) == []
+def test_session_history_replays_what_was_fed_rejected_drafts_included():
+    import torch
+
+    h = SessionHistory()
+    rows = torch.arange(12.0).reshape(12, 1)
+    h.record(SpanRequest("s", 0, 5), rows[:5])  # the prompt
+    h.record(SpanRequest("s", 5, 4), rows[5:9])  # a pending token and three drafts...
+    h.rollback("s", 6)  # ...all rejected
+    h.record(SpanRequest("s", 6, 1), rows[9:10])
+    assert [(p, r.flatten().tolist(), k) for p, r, k in h.replay("s", 7)] == [(0, [0, 1, 2, 3, 4], 5), (5, [5, 6, 7, 8], 1), (6, [9], 1)]
+    assert [(p, k) for p, _, k in h.replay("s", 3)] == [(0, 3)]  # up to a position inside the prompt
+    h.fork("s", "t")
+    h.rollback("t", 5)
+    assert [p for p, _, _ in h.replay("t", 99)] == [0] and [p for p, _, _ in h.replay("s", 99)] == [0, 5, 6]
+    h.record(SpanRequest("s", 5, 2), rows[10:12])  # a step from an earlier position drops what followed
+    assert [(p, k) for p, _, k in h.replay("s", 99)] == [(0, 5), (5, 2)]
+    h.free("s")
+    assert list(h.replay("s", 99)) == []
 
 
 def test_scout_address_parsing():
@@ -75,8 +89,23 @@ def test_a_hole_left_by_a_dead_scout_is_filled_by_a_redundant_idle_one():
     assigned = plan(30, alive, current, span_limit=15)
     assert assigned == {"b": (0, 15), "c": (15, 30)}  # the idle replica moved, the busy one stayed
     assert first_gap(list(assigned.values()), 30) is None
-    # with nobody redundant, the hole stays (and requests get no_route until a Scout joins)
+    # with nobody redundant, a survivor with room extends its span over the hole, past span_limit
+    assert plan(30, [Candidate("c", 100)], {"a": (0, 15), "c": (15, 30)}, span_limit=15) == {"c": (0, 30)}
+    # ... but a hole nobody served yet waits for Scouts to join (a swarm starting up splits evenly)
     assert plan(30, [Candidate("c", 100)], {"c": (15, 30)}, span_limit=15) == {"c": (15, 30)}
+
+
+def test_survivors_extend_over_a_hole_as_far_as_their_memory_holds():
+    current = {"a": (0, 10), "b": (10, 20), "c": (20, 30)}
+    # "b" died: the neighbour that can cover all of it takes it (the faster one among equals)
+    assigned = plan(30, [Candidate("a", 30, throughput=1.0), Candidate("c", 30, throughput=2.0)], current, span_limit=10)
+    assert assigned == {"a": (0, 10), "c": (10, 30)}
+    # neither can hold it all: both extend, each as far as it can
+    assigned = plan(30, [Candidate("a", 14), Candidate("c", 16)], current, span_limit=10)
+    assert assigned == {"a": (0, 14), "c": (14, 30)}
+    # nobody has room: the hole stays (requests get no_route, or --fallback-local computes it)
+    assigned = plan(30, [Candidate("a", 10), Candidate("c", 10)], current, span_limit=10)
+    assert assigned == {"a": (0, 10), "c": (20, 30)}
 
 
 def test_a_restarted_oracle_adopts_what_scouts_already_serve():

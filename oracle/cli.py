@@ -7,6 +7,7 @@ import os
 import sys
 
 from oracle.api.storage import add_redis_options, add_storage_options
+from oracle.swarm.addresses import DEFAULT_DATA_PORT
 from shard_common.settings import add_option, setup_logging
 
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="run the blocks on Scouts that join over libp2p (shard-scout --bootstrap <the multiaddr this prints>)")
     add_option(serve, "--p2p-port", default=7420, type=int, help="libp2p TCP port (fixed, so Scouts find a restarted Oracle)")
     add_option(serve, "--p2p-host", default=None, help="address libp2p listens on (default: --host)")
+    add_option(serve, "--data-port", default=DEFAULT_DATA_PORT, type=int,
+               help="TLS port Scouts behind NAT dial for the data plane (fixed, announced to Scouts; 0: any free port)")
+    add_option(serve, "--data-host", default=None, help="address that port listens on (default: --p2p-host, else --host)")
     add_option(serve, "--bootstrap", default="", help="comma-separated multiaddrs of swarm members to join through")
     add_option(serve, "--mdns", action="store_true", default=False, help="also find Scouts on the LAN with mDNS")
     add_option(serve, "--public-url", default=None, help="this Oracle's URL as Scouts reach it, for shard downloads "

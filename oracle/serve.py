@@ -34,6 +34,7 @@ from oracle.engine.scheduler import Scheduler
 from oracle.store.redis_server import EmbeddedRedis, async_client
 from oracle.swarm.connection import ScoutAddress
 from oracle.swarm.control import ModelOffer, OracleControl
+from oracle.swarm.dial_in import DialInListener
 from oracle.swarm.local_hop import LocalHop
 from oracle.swarm.local_scouts import LocalScouts
 from oracle.swarm.swarm import Swarm
@@ -73,11 +74,13 @@ def wants_swarm(args: argparse.Namespace) -> bool:
     return bool(args.scouts.strip() or args.swarm or args.local_scouts or args.local_draft_scouts)
 
 
+def uses_control_plane(args: argparse.Namespace) -> bool:
+    return bool(args.swarm or args.local_scouts or args.local_draft_scouts)
+
+
 def build_control(args: argparse.Namespace, identity: Identity, weights: ModelWeights, manifest: Path,
-                  health: PeerHealth) -> OracleControl | None:
+                  health: PeerHealth, listener: DialInListener) -> OracleControl:
     """The libp2p control plane (--swarm, --local-scouts): Scouts find this Oracle and get spans."""
-    if not (args.swarm or args.local_scouts or args.local_draft_scouts):
-        return None
     n_layers = weights.config.n_layers
     span_limit = args.blocks_per_scout
     if not span_limit and args.local_scouts:
@@ -90,7 +93,7 @@ def build_control(args: argparse.Namespace, identity: Identity, weights: ModelWe
     allow = {p.strip() for p in args.allow_peers.split(",") if p.strip()} or None
     return OracleControl(identity, P2PConfig(args.p2p_host or args.host, args.p2p_port, bootstrap, args.mdns), offer,
                          span_limit, dead_after_seconds=args.dead_after, swarm_secret=args.swarm_secret, allow_peers=allow,
-                         refuse_peer=health.refusal)
+                         refuse_peer=health.refusal, data_port=lambda: listener.port)
 
 
 def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Tokenizer, manifest: Path, executor: Executor,
@@ -121,10 +124,14 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
     scouts = [ScoutAddress.parse(a.strip()) for a in args.scouts.split(",") if a.strip()]
-    return Swarm(identity, weights.config.n_layers, loop, health, scouts,
-                 build_control(args, identity, weights, manifest, health), args.wire_dtype, fill, tokenizer.vocab_size,
+    control = listener = None
+    if uses_control_plane(args):
+        listener = DialInListener(identity, Path(args.data_dir) / "tls", args.data_host or args.p2p_host or args.host,
+                                  args.data_port, health, args.hop_timeout)
+        control = build_control(args, identity, weights, manifest, health, listener)
+    return Swarm(identity, weights.config.n_layers, loop, health, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
                  weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout, auditor, mirror,
-                 piggyback=not args.eager_cache_ops)
+                 piggyback=not args.eager_cache_ops, listener=listener)
 
 
 def serve(args: argparse.Namespace) -> int:

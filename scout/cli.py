@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--host", default="127.0.0.1", help="address the data plane and libp2p listen on")
     add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host, or this machine's address when --host is 0.0.0.0)")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
+    add_option(p, "--no-listen", action="store_true", default=False,
+               help="behind NAT: open no data-plane port; dial the Oracle's data plane instead (it announces where)")
     add_option(p, "--data-dir", default=str(Path.home() / ".shard" / "scout"), help="identity key, TLS files, shard cache")
     add_option(p, "--memory-gb", default=2.0, type=float, help="memory for weights and KV caches; the Oracle sizes the span by it")
     add_option(p, "--threads", default=0, type=int, help="torch threads for the span's math (0: torch's default, one per core)")
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print("shard-scout: give --bootstrap MULTIADDR, --oracle-url URL or --mdns to join a swarm, or --span START:END "
               "to serve a fixed span", file=sys.stderr)
         return 2
+    if args.no_listen and not (bootstrap or args.mdns):
+        print("shard-scout: --no-listen needs the control plane (--bootstrap, --oracle-url or --mdns) to learn where to dial",
+              file=sys.stderr)
+        return 2
     import torch
 
     from shard_common.identity import Identity
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
 
     from .control import ScoutControl
+    from .dialer import OracleDialer
     from .draft_model import DraftModel
     from .faults import FaultInjector
     from .server import SpanServer
@@ -222,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         control = ScoutControl(identity, P2PConfig(args.host, args.p2p_port, bootstrap, args.mdns), server, executor,
                                load_assigned, args.announce_host or default_announce_host(args.host), capabilities, model_id, allowed,
                                heartbeat_seconds=args.heartbeat, load_draft=load_draft_model if args.role == "draft" else None,
-                               swarm_secret=args.swarm_secret)
+                               swarm_secret=args.swarm_secret, dialer=OracleDialer(server, identity))
 
     async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
-        await server.start(args.host, args.data_port)
+        await server.start(args.host, args.data_port, listen=not args.no_listen)
         addrs = await control.start() if control else []
         # One line a script can parse: how to reach this Scout.
         where = "drafting" if args.role == "draft" else f"span {span.start}:{span.end}" if span else "waiting for a span"

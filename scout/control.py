@@ -16,6 +16,7 @@ from shard_common.p2p.announcements import (
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
+from .dialer import OracleDataPlane, OracleDialer
 from .server import SpanServer
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class ScoutControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, server: SpanServer, executor: Executor, load_span: SpanLoader,
                  data_host: str, capabilities: Capabilities, model: str | None = None,
                  allowed_oracles: set[str] | None = None, heartbeat_seconds: float = 1.0,
-                 load_draft: Callable[[OracleAnnouncement], object] | None = None, swarm_secret: str | None = None):
+                 load_draft: Callable[[OracleAnnouncement], object] | None = None, swarm_secret: str | None = None,
+                 dialer: OracleDialer | None = None):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.server = server
@@ -36,6 +38,7 @@ class ScoutControl:
         self.load_span = load_span
         self.load_draft = load_draft  # set for a draft Scout (--role draft): loads its whole model
         self.swarm_secret = swarm_secret  # private swarm: prove it, and follow only Oracles that prove it
+        self.dialer = dialer  # opens the data-plane connection when the Oracle cannot (None: never)
         self._ignored: set[str] = set()
         self.data_host = data_host
         self.capabilities = capabilities
@@ -56,6 +59,8 @@ class ScoutControl:
         return addrs
 
     async def stop(self) -> None:
+        if self.dialer is not None:
+            self.dialer.stop()
         for t in self._tasks + ([self._loading] if self._loading else []):
             t.cancel()
         await self.node.stop()
@@ -73,6 +78,7 @@ class ScoutControl:
         draft = self.server.draft
         return prove(self.swarm_secret, ScoutAnnouncement(
             peer_id=self.identity.peer_id, seq=self._seq, data_host=self.data_host, data_port=self.server.port,
+            listening=self.server.server is not None,
             role="draft" if self.load_draft else "span", vocab_digest=draft.vocab_digest if draft else None,
             model=self.model, span=self.span, state=self.state, capabilities=self.capabilities,
             sessions=len(span.kv.sessions) if span else 0, load=load, free_kv_bytes=span.kv.free_bytes if span else 0))
@@ -138,6 +144,7 @@ class ScoutControl:
         if self.oracle is None or self.oracle.peer_id != sender:
             log.warning("following Oracle %s (model %s, %d blocks)", sender, a.model_name, a.n_layers)
         self.oracle = a
+        self._dial_if_unreachable(a)
         if self.load_draft is not None:
             if self.server.draft is None and self._loading is None:
                 self._loading = asyncio.get_running_loop().create_task(self._load_draft(a))
@@ -146,6 +153,19 @@ class ScoutControl:
         if wanted is None or (tuple(wanted) == self.span and a.model == self.model) or self._loading is not None:
             return
         self._loading = asyncio.get_running_loop().create_task(self._switch(a, tuple(wanted)))
+
+    def _dial_if_unreachable(self, oracle: OracleAnnouncement) -> None:
+        """Serving, and the Oracle cannot open the data-plane connection (this Scout does not
+        listen, or the Oracle's dial-back failed): open it from here, to where the libp2p
+        connection to the Oracle runs."""
+        if self.dialer is None:
+            return
+        unreachable = self.server.server is None or self.identity.peer_id in oracle.dial_in
+        host = self.node.observed_host(oracle.peer_id)
+        if self.state == "serving" and unreachable and oracle.data_port and host:
+            self.dialer.want(OracleDataPlane(oracle.peer_id, host, oracle.data_port))
+        elif not unreachable or not oracle.data_port:
+            self.dialer.want(None)
 
     async def _load_draft(self, oracle: OracleAnnouncement) -> None:
         log.warning("loading %s to draft for Oracle %s", oracle.model_name, oracle.peer_id)

@@ -1,4 +1,5 @@
-"""The Scout's data plane: authenticated TLS connections from the Oracle, serving one span.
+"""The Scout's data plane: authenticated TLS connections with the Oracle (the Oracle's, or one the
+Scout opened itself from behind NAT), serving one span.
 
 Every request is answered (a RESULT or an ERROR frame); nothing a peer sends can take the
 server down. Tensor work runs on the process's main thread (see shard_common/main_thread.py),
@@ -64,10 +65,11 @@ class SpanServer:
         for writer in list(self._writers):
             writer.close()
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._handle, host, port, ssl=self.ssl)
+    async def start(self, host: str, port: int, listen: bool = True) -> None:
+        """Listen on ``host:port`` (unless ``listen`` is False: behind NAT, the Scout dials out)."""
+        if listen:
+            self.server = await asyncio.start_server(self._handle, host, port, ssl=self.ssl)
         self._expiry = asyncio.get_running_loop().create_task(self._expire_idle_forever())
-        return self.server
 
     async def _expire_idle_forever(self) -> None:
         """Free caches of sessions nobody has stepped for a while (an Oracle that vanished without
@@ -85,19 +87,36 @@ class SpanServer:
     async def close(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        self.server.close()
-        await self.server.wait_closed()
+        for writer in list(self._writers):
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        """The listening port (0: not listening)."""
+        return self.server.sockets[0].getsockname()[1] if self.server is not None else 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = "?"
+        """An Oracle connected to this Scout's listener."""
+        try:
+            peer = await accept(reader, writer, self.identity, self.cert_der)
+        except (FrameError, HandshakeError) as e:
+            log.warning("dropping a connection: %s", e)
+            writer.close()
+            return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            writer.close()
+            return
+        await self.serve_connection(reader, writer, peer)
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        """Answer an authenticated Oracle's requests on this stream until it closes: one the Oracle
+        opened, or one this Scout opened to an Oracle that cannot reach it (scout/dialer.py)."""
         span = None
         sessions: set[str] = set()
         try:
-            peer = await accept(reader, writer, self.identity, self.cert_der)
             if self.allowed_peers is not None and peer not in self.allowed_peers:
                 raise HandshakeError(f"peer {peer} is not allowed")
             span = self.span
@@ -109,7 +128,7 @@ class SpanServer:
                 peer_id=self.identity.peer_id, model=self.model_name, span=(span.start, span.end),
                 n_layers=span.config.n_layers, wire_dtypes=list(DTYPES), role="draft" if self.draft else "span",
                 vocab_digest=self.draft.vocab_digest if self.draft else None))
-            log.info("connection from %s", peer)
+            log.info("serving %s", peer)
             while True:
                 kind, message, body = await read_frame(reader)
                 if self.span is not span:

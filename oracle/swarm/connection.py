@@ -57,13 +57,14 @@ class ScoutConnection:
     HANDSHAKE_SECONDS = 10.0
     local = False  # a hop of the Oracle's own blocks says True
 
-    def __init__(self, address: ScoutAddress, identity: Identity, timeout: float = 30.0, health: PeerHealth | None = None):
+    def __init__(self, address: ScoutAddress, identity: Identity, timeout: float = 30.0, health: PeerHealth | None = None,
+                 reached: str = "direct"):
         self.address = address
         self.identity = identity
         self.timeout = timeout
         self.health = health or PeerHealth()
         self.welcome: Welcome | None = None
-        self.reached = "direct"  # or "scout-dialed": the Scout opened this connection (it is behind NAT)
+        self.reached = reached  # "direct", or "scout-dialed": the Scout opened this connection (it is behind NAT)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)

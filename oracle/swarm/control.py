@@ -16,8 +16,9 @@ from shard_common.p2p.announcements import (
 )
 from shard_common.p2p.node import P2PConfig, P2PNode
 
-from .placement import Candidate, Span, plan
+from .addresses import dial_problem, own_networks
 from .connection import ScoutAddress
+from .placement import Candidate, Span, plan
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ class ScoutRecord:
     dead: bool = False
     refused: str | None = None
 
-    @property
-    def address(self) -> ScoutAddress:
-        a = self.announcement
-        return ScoutAddress(a.peer_id, a.data_host, a.data_port)
+
+
+@dataclass(frozen=True)
+class ServingScout:
+    """A Scout to hold a data-plane connection to."""
+
+    peer_id: str
+    span: Span | None  # the span it must serve (None: a draft Scout)
+    address: ScoutAddress | None  # where the Oracle may dial it; None: it must dial in (see ``unreachable``)
+    unreachable: str | None = None
 
 
 @dataclass
@@ -52,7 +59,7 @@ class OracleControl:
     def __init__(self, identity: Identity, p2p: P2PConfig, offer: ModelOffer, span_limit: int = 0,
                  heartbeat_seconds: float = 1.0, dead_after_seconds: float = 3.0, reprovide_seconds: float = 30.0,
                  swarm_secret: str | None = None, allow_peers: set[str] | None = None,
-                 refuse_peer: Callable[[str], str | None] = lambda peer: None):
+                 refuse_peer: Callable[[str], str | None] = lambda peer: None, data_port: Callable[[], int] = lambda: 0):
         self.identity = identity
         self.node = P2PNode(identity, p2p)
         self.offer = offer
@@ -66,12 +73,16 @@ class OracleControl:
         self.assignments: dict[str, Span] = {}
         self.busy: set[str] = set()  # peers carrying sessions, told by the swarm: moved last
         self.refuse_peer = refuse_peer  # a ban, say: why to ignore a peer
+        self.data_port = data_port  # where Scouts behind NAT dial in (0: nowhere)
+        self.dial_in: set[str] = set()  # Scouts the swarm cannot reach, told by the swarm: they dial in
+        self.networks: list = []  # the networks this machine is on (which Scout addresses may be dialled)
         self._seq = 0
         self._joined = False  # a peer joined since the DHT record was last stored
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
     async def start(self) -> list[str]:
+        self.networks = own_networks()
         addrs = await self.node.start({SCOUT_TOPIC: self._on_scout})
         log.warning("Oracle %s on libp2p: %s", self.identity.peer_id, " ".join(addrs))
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -93,7 +104,7 @@ class OracleControl:
         if refusal and (record is None or record.refused != refusal):
             log.warning("refused Scout %s: %s", sender, refusal)
         if record is None or record.dead:
-            log.warning("Scout %s joined (data plane %s:%d, %s)", sender, a.data_host, a.data_port,
+            log.warning("Scout %s joined (%s, %s)", sender, f"data plane on port {a.data_port}" if a.listening else "behind NAT: it dials in",
                         f"serving [{a.span[0]}, {a.span[1]})" if a.span else "no span yet")
             self.scouts[sender] = ScoutRecord(a, refused=refusal)
             self._joined = True
@@ -148,7 +159,8 @@ class OracleControl:
         o = self.offer
         return prove(self.swarm_secret, OracleAnnouncement(peer_id=self.identity.peer_id, seq=self._seq, model=o.model, model_name=o.model_name,
                                   n_layers=o.n_layers, shards_url=o.shards_url, block_bytes=o.block_bytes, vocab_digest=o.vocab_digest,
-                                  multiaddrs=self.node.addrs, assignments=self.assignments))
+                                  multiaddrs=self.node.addrs, assignments=self.assignments, data_port=self.data_port(),
+                                  dial_in=sorted(self.dial_in)))
 
     async def _run(self) -> None:
         last_provide = -self.reprovide_seconds
@@ -173,17 +185,28 @@ class OracleControl:
             except asyncio.TimeoutError:
                 pass
 
-    def serving(self) -> list[tuple[ScoutAddress, Span | None]]:
+    def serving(self) -> list[ServingScout]:
         """Scouts that serve the span assigned to them, and draft Scouts with this model's
-        vocabulary: the ones to open data-plane connections to."""
-        out = [(r.address, None) for r in self.scouts.values()
-               if r.announcement.role == "draft" and r.announcement.state == "serving" and not r.dead and not r.refused]
-        for peer, span in self.assignments.items():
-            record = self.scouts.get(peer)
-            a = record.announcement if record else None
-            if a and not record.dead and not record.refused and a.state == "serving" and a.span == span and a.model == self.offer.model:
-                out.append((record.address, span))
+        vocabulary: the ones to hold data-plane connections to. The address to dial is the one
+        this Oracle's libp2p connection to the Scout runs to, never the one it announces."""
+        out = []
+        for r in self.scouts.values():
+            a = r.announcement
+            if r.dead or r.refused or a.state != "serving":
+                continue
+            if a.role == "draft":
+                out.append(self._serving(a, None))
+            elif a.peer_id in self.assignments and a.span == self.assignments[a.peer_id] and a.model == self.offer.model:
+                out.append(self._serving(a, self.assignments[a.peer_id]))
         return out
+
+    def _serving(self, a: ScoutAnnouncement, span: Span | None) -> ServingScout:
+        if not a.listening:
+            return ServingScout(a.peer_id, span, None, "it does not listen (--no-listen)")
+        observed = self.node.observed_host(a.peer_id)
+        if problem := dial_problem(observed, self.networks):
+            return ServingScout(a.peer_id, span, None, problem)
+        return ServingScout(a.peer_id, span, ScoutAddress(a.peer_id, observed, a.data_port))
 
     def status(self) -> dict[str, dict]:
         """Per peer id, what the registry knows (merged into /v1/cluster/status)."""

@@ -12,6 +12,7 @@ all is ``PeerHealth``'s answer (oracle/trust), never a flag kept here.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 
@@ -22,6 +23,7 @@ from shard_common.identity import Identity
 
 from .connection import ScoutAddress, ScoutConnection, ScoutError, ScoutUnreachable
 from .control import OracleControl
+from .dial_in import DialInListener
 from .draft import ScoutDrafter
 from .local_hop import LocalFactory, LocalHop
 from .runner import SwarmPipeline
@@ -38,7 +40,8 @@ class Swarm:
                  addresses: list[ScoutAddress] | None = None, control: OracleControl | None = None, wire_dtype: str = "float32",
                  fill: LocalFactory | None = None, vocab_size: int = 0, vocab_digest: str | None = None,
                  draft_deadline_seconds: float = 2.0, hop_timeout_seconds: float = 20.0, auditor: Auditor | None = None,
-                 mirror: ProbationMirror | None = None, piggyback: bool = True, reroute_seconds: float = 20.0):
+                 mirror: ProbationMirror | None = None, piggyback: bool = True, reroute_seconds: float = 20.0,
+                 listener: DialInListener | None = None):
         self.identity = identity
         self.n_layers = n_layers
         self.health = health
@@ -49,6 +52,8 @@ class Swarm:
         self.control = control
         self.wire_dtype = wire_dtype
         self.connections: list[ScoutConnection] = []
+        self.listener = listener  # Scouts the Oracle cannot reach dial in here
+        self.dial_in: dict[str, str] = {}  # peer id → why the Oracle does not dial it (it dials in)
         # The engine's Pipeline and drafter: built now, usable once connect() has run on ``loop``.
         self.pipeline = SwarmPipeline(self._live, n_layers, loop, health, wire_dtype, fill, reroute_seconds,
                                       auditor=auditor, mirror=mirror, piggyback=piggyback)
@@ -58,6 +63,8 @@ class Swarm:
 
     async def connect(self) -> None:
         await self.health.start()
+        if self.listener is not None:
+            await self.listener.start(self._adopt_dialed)
         if self.control is not None:
             await self.control.start()
         if self.auditor is not None:
@@ -75,15 +82,19 @@ class Swarm:
     def draft_scouts(self) -> list[ScoutConnection]:
         return [c for c in self.connections if not c.dead and c.role == "draft"]
 
-    def _wanted(self) -> dict[ScoutAddress, tuple[int, int] | None]:
-        """Scouts to hold a connection to, with the span they must serve (None: whatever they say)."""
-        wanted: dict[ScoutAddress, tuple[int, int] | None] = {a: None for a in self.addresses}
-        if self.control is not None:
-            wanted.update(self.control.serving())
+    def _wanted(self) -> dict[str, tuple[ScoutAddress | None, tuple[int, int] | None]]:
+        """Per peer id: where to dial it (None: it dials in) and the span it must serve (None:
+        whatever it says). Addresses given with --scouts are the operator's, dialled as given."""
+        wanted: dict[str, tuple[ScoutAddress | None, tuple[int, int] | None]] = {a.peer_id: (a, None) for a in self.addresses}
+        for s in self.control.serving() if self.control is not None else []:
+            wanted[s.peer_id] = (s.address, s.span)
+            if s.address is None and self.dial_in.get(s.peer_id) != s.unreachable:
+                log.warning("Scout %s will dial in: %s", s.peer_id, s.unreachable)
+                self.dial_in[s.peer_id] = s.unreachable
         return wanted
 
     async def _maintain(self) -> None:
-        failures: dict[ScoutAddress, str] = {}
+        failures: dict[str, str] = {}
         while True:
             try:
                 await self._maintain_once(failures)
@@ -93,29 +104,41 @@ class Swarm:
                 log.exception("swarm maintenance failed")
             await asyncio.sleep(self.RETRY_SECONDS)
 
-    async def _maintain_once(self, failures: dict[ScoutAddress, str]) -> None:
+    async def _maintain_once(self, failures: dict[str, str]) -> None:
         wanted = self._wanted()
         for c in [c for c in self.connections if not c.dead]:
-            span = wanted.get(c.address, "gone")
+            span = wanted[c.peer_id][1] if c.peer_id in wanted else "gone"
             why = ("it no longer serves" if span == "gone" else f"it moved to {span}" if span is not None and span != c.span
                    else self.health.refusal(c.peer_id))
             if why:
                 log.warning("dropping Scout %s: %s", c.peer_id, why)
                 c.dead = True
                 await c.close()
-        live = {c.address for c in self.connections if not c.dead}
-        todo = [(a, span) for a, span in wanted.items() if a not in live and self.health.may_connect(a.peer_id)]
+        self.dial_in = {peer: why for peer, why in self.dial_in.items() if peer in wanted}
+        live = {c.peer_id for c in self.connections if not c.dead}
+        todo = [(address, span) for peer, (address, span) in wanted.items() if peer not in live and address is not None
+                and peer not in self.dial_in and self.health.may_connect(peer)]
         # Concurrently: one Scout that accepts but never answers must not hold up the others.
         opened = await asyncio.gather(*(ScoutConnection(a, self.identity, self.hop_timeout_seconds, self.health).open()
                                         for a, _ in todo), return_exceptions=True)
         for (address, span), conn in zip(todo, opened):
+            peer = address.peer_id
+            if isinstance(conn, (ConnectionRefusedError, asyncio.TimeoutError)) or \
+                    (isinstance(conn, OSError) and conn.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)):
+                if self.listener is not None and self.control is not None and peer not in {a.peer_id for a in self.addresses}:
+                    # The dial-back failed: the Scout is behind NAT or a firewall. It dials in.
+                    self.dial_in[peer] = f"dialling {address.host}:{address.port} failed ({conn!r})"
+                    log.warning("Scout %s cannot be reached at %s:%d; it will dial in", peer, address.host, address.port)
+                    continue
             if isinstance(conn, BaseException):  # unreachable, wrong identity, bad handshake: try again later
-                if not isinstance(conn, asyncio.TimeoutError) and failures.get(address) != str(conn):
+                if not isinstance(conn, asyncio.TimeoutError) and failures.get(peer) != str(conn):
                     log.warning("cannot use Scout %s: %s", address, conn or repr(conn))
-                failures[address] = str(conn)
+                failures[peer] = str(conn)
                 continue
-            failures.pop(address, None)
+            failures.pop(peer, None)
             self._adopt(conn, span)
+        if self.control is not None:
+            self.control.dial_in = set(self.dial_in)
         load = self.pipeline.load()
         if self.control is not None:
             self.control.busy = {c.peer_id for c in load}
@@ -132,6 +155,18 @@ class Swarm:
         except ScoutUnreachable as e:
             self.problem = str(e)
 
+    async def _adopt_dialed(self, conn: ScoutConnection) -> bool:
+        """A Scout dialled in (it is behind NAT): keep the connection if it is one the swarm wants
+        and holds no connection to yet."""
+        wanted = self._wanted().get(conn.peer_id)
+        if wanted is None or not self.health.may_connect(conn.peer_id):
+            log.warning("refused a data-plane connection from Scout %s: %s", conn.peer_id,
+                        "it serves nothing assigned" if wanted is None else "it may not connect now")
+            return False
+        if any(c.peer_id == conn.peer_id and not c.dead for c in self.connections):
+            return False
+        return self._adopt(conn, wanted[1])
+
     def _adopt(self, conn: ScoutConnection, span: tuple[int, int] | None) -> bool:
         """Keep ``conn`` as the connection to its Scout, unless it serves the wrong thing."""
         address = conn.address
@@ -143,7 +178,7 @@ class Swarm:
         if conn.dead:
             asyncio.get_running_loop().create_task(conn.close())
             return False
-        self.connections = [c for c in self.connections if c.address != address] + [conn]
+        self.connections = [c for c in self.connections if c.peer_id != conn.peer_id] + [conn]
         what = "drafting" if conn.role == "draft" else "serving blocks [%d, %d)" % conn.span
         log.warning("connected to Scout %s %s (%s)", address.peer_id, what, conn.reached)
         return True
@@ -162,6 +197,8 @@ class Swarm:
             await c.close()
         if self.control is not None:
             await self.control.stop()
+        if self.listener is not None:
+            await self.listener.close()
         await self.health.drain()
 
     def status(self) -> dict:
@@ -183,7 +220,7 @@ class Swarm:
             state = ("refused" if c.dead and info.get("refused") else "dead" if c.dead else
                      "quarantined" if health["reputation"] != "active" else
                      "active" if c in load or c in preferred or c.role == "draft" else "spare")
-            scouts.append({"peer_id": c.peer_id, "address": f"{c.address.host}:{c.address.port}", "reached": c.reached,
+            scouts.append({"peer_id": c.peer_id, "address": f"{c.address.host}:{c.address.port}" if c.address.port else c.address.host, "reached": c.reached,
                            "role": c.role, "span": list(c.span), "state": state, "sessions": load.get(c, 0),
                            "requests": c.requests, "round_trips": dict(c.round_trips),
                            "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,

@@ -41,8 +41,9 @@ class ScoutAnnouncement(Announcement):
     kind: Literal["scout"] = "scout"
     role: Literal["span", "draft"] = "span"
     vocab_digest: str | None = None  # a draft Scout's vocabulary, which must be the Oracle's
-    data_host: str
+    data_host: str  # informative only: the Oracle dials the address it observes, never this one
     data_port: int
+    listening: bool = True  # False (--no-listen, behind NAT): it opens the data-plane connection itself
     model: str | None = None  # the shard set it serves (manifest digest), None until it loads one
     span: tuple[int, int] | None = None
     state: Literal["idle", "loading", "serving"] = "idle"
@@ -62,6 +63,8 @@ class OracleAnnouncement(Announcement):
     vocab_digest: str | None = None
     multiaddrs: list[str] = Field(default_factory=list)
     assignments: dict[str, tuple[int, int]] = Field(default_factory=dict)  # Scout peer id → span
+    data_port: int = 0  # where Scouts that cannot be reached open their data-plane connection (0: nowhere)
+    dial_in: list[str] = Field(default_factory=list)  # Scouts the Oracle cannot reach: they dial in
 
 
 class AnnouncementError(ValueError):

@@ -114,6 +114,23 @@ class P2PNode:
             return set()
         return {str(p) for p in self._host.get_network().connections}
 
+    def observed_host(self, peer: str) -> str | None:
+        """The IP address our libp2p connection to ``peer`` runs to: where it really is, as
+        opposed to where it says it is. None without a direct connection."""
+        if self._host is None:
+            return None
+        for peer_id, conns in list(self._host.get_network().connections.items()):
+            if str(peer_id) != peer:
+                continue
+            for conn in conns if isinstance(conns, list) else [conns]:
+                try:
+                    address = conn.muxed_conn.get_remote_address()
+                except Exception:  # a connection closing under us
+                    continue
+                if address:
+                    return address[0]
+        return None
+
     async def stop(self) -> None:
         if self._token is None or self._thread is None:
             return

@@ -84,7 +84,7 @@ class OracleProcess:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oracle.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--log-level", "info", "--p2p-port", str(self.p2p_port), *extra],
+             "--log-level", "info", "--p2p-port", str(self.p2p_port), "--data-port", "0", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SHARD_ADMIN_KEY": ADMIN_KEY, **(env or {})},
         )
         try:

@@ -2,7 +2,7 @@
 
 The page polls ``/v1/cluster/status`` once a second with the admin key it was opened with
 (``/dashboard?key=sk-oracle-...``) and draws: a coverage strip (one cell per block, darker with
-more replicas), every Scout (span, state, reputation, latency, throughput, load, free KV cache),
+more replicas), every Scout (span, state, how it is reached, reputation, latency, throughput, load, free KV cache),
 tokens/s over the last minutes, sessions, speculative acceptance and golden tickets.
 """
 
@@ -42,7 +42,7 @@ svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
 <div><b>Tokens/s</b> <span class="muted">last minutes</span></div>
 <svg id="rate" width="600" height="90" viewBox="0 0 600 90"></svg>
 <h2 style="font-size:16px">Scouts</h2>
-<table><thead><tr><th>peer</th><th>role</th><th>blocks</th><th>state</th><th>reputation</th><th>latency ms</th>
+<table><thead><tr><th>peer</th><th>role</th><th>blocks</th><th>state</th><th>reached</th><th>reputation</th><th>latency ms</th>
 <th>throughput</th><th>load</th><th>sessions</th><th>free KV</th></tr></thead><tbody id="scouts"></tbody></table>
 <script>
 const KEY = __KEY__;
@@ -66,6 +66,7 @@ async function tick() {
       card("tokens/s", history.length ? history[history.length - 1].toFixed(1) : "–"),
       card("running", s.running_sequences), card("waiting", s.waiting_requests), card("sessions", s.sessions),
       card("failovers", s.failovers),
+      card("round trips/token", s.round_trips_per_token ?? "–"),
       card("acceptance", spec.acceptance_rate == null ? "–" : (100 * spec.acceptance_rate).toFixed(0) + "%"),
       card("tokens/pass", spec.tokens_per_pass ?? "–"),
       card("tickets ok/failed", `${tickets.passed ?? 0}/${tickets.failed ?? 0}`),
@@ -75,7 +76,7 @@ async function tick() {
     document.getElementById("scouts").innerHTML = s.scouts.map(x => `<tr data-peer="${esc(x.peer_id)}">
       <td title="${esc(x.peer_id)}">${esc(x.peer_id.slice(-10))}</td><td>${esc(x.role || "span")}</td>
       <td>${x.span ? esc(x.span[0] + "–" + x.span[1]) : "–"}</td><td class="state-${esc(x.state)}">${esc(x.state)}</td>
-      <td>${esc(x.reputation)}</td><td>${esc(x.latency_ms)}</td><td>${esc(x.throughput)}</td><td>${esc(x.load)}</td>
+      <td class="reached">${esc(x.reached)}</td><td>${esc(x.reputation)}</td><td>${esc(x.latency_ms)}</td><td>${esc(x.throughput)}</td><td>${esc(x.load)}</td>
       <td>${esc(x.sessions)}</td><td>${x.free_kv_bytes == null ? "–" : (x.free_kv_bytes / 1048576).toFixed(0) + " MB"}</td></tr>`).join("");
     const max = Math.max(1, ...history);
     const pts = history.map((v, i) => `${(i * 600 / 179).toFixed(1)},${(88 - v * 84 / max).toFixed(1)}`).join(" ");

@@ -416,7 +416,9 @@ async def cluster_status(request: web.Request) -> web.Response:
         body = ClusterStatus(mode="local", oracle_peer_id=None, wire_dtype=None, coverage=[1] * state.n_layers, chain=[], local_spans=[(0, state.n_layers)],
                              scouts=[], failovers=0, sessions=len(state.scheduler.engine.pipeline.local.kv.sessions), **common)
     else:
-        body = ClusterStatus(mode="swarm", **state.swarm.status(), **common)
+        swarm = state.swarm.status()
+        per_token = swarm["data_plane"]["round_trips"] / sched.tokens_generated if sched.tokens_generated else None
+        body = ClusterStatus(mode="swarm", **swarm, round_trips_per_token=round(per_token, 3) if per_token else None, **common)
     return web.json_response(text=body.model_dump_json())
 
 

@@ -552,6 +552,7 @@ class ClusterStatus(Schema):
     scouts: list[ScoutStatus]
     failovers: int
     data_plane: DataPlaneStatus | None = None
+    round_trips_per_token: float | None = None  # data-plane round trips per generated token, since start
     tickets: dict | None = None  # golden tickets: passed, failed, rate, tolerance, honest error p50/max
     sessions: int
     running_sequences: int

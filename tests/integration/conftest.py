@@ -73,6 +73,21 @@ def client(url: str, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
+def stream_logprobs(url: str, model_id: str, prompt: str, max_tokens: int, on_token=None) -> list:
+    """A greedy stream's token logprobs (for ``same_or_tied_tokens``), exactly ``max_tokens``
+    long; ``on_token(n)`` after each of them (a fault to inject mid-stream)."""
+    stream = client(url, ADMIN_KEY).chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens, stream=True,
+        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    tokens = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            tokens += chunk.choices[0].logprobs.content
+            if on_token is not None:
+                on_token(len(tokens))
+    return tokens
+
+
 class OracleProcess:
     """A real ``shard-oracle serve`` in its own data directory, stopped with SIGTERM."""
 

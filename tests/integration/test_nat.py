@@ -20,7 +20,7 @@ import pytest
 from oracle.swarm.local_scouts import LocalScout
 from shard_common.processes import stop_process
 
-from .conftest import ADMIN_KEY, OracleProcess, client, free_port, same_or_tied_tokens
+from .conftest import ADMIN_KEY, OracleProcess, client, free_port, same_or_tied_tokens, stream_logprobs
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -135,17 +135,7 @@ class Canary:
         self.sock.close()
 
 
-def stream_tokens(url: str, model_id: str, on_token=None) -> list:
-    stream = client(url, ADMIN_KEY).chat.completions.create(
-        model=model_id, messages=[{"role": "user", "content": "Write a long story about a ship in a storm."}], temperature=0,
-        max_tokens=400, stream=True, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
-    tokens = []
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
-            tokens += chunk.choices[0].logprobs.content
-            if on_token is not None:
-                on_token(len(tokens))
-    return tokens
+STORY = "Write a long story about a ship in a storm."
 
 
 def test_a_scout_behind_nat_joins_serves_and_fails_over(namespace, tmp_path_factory, tmp_path, server, model_id):
@@ -171,7 +161,7 @@ def test_a_scout_behind_nat_joins_serves_and_fails_over(namespace, tmp_path_fact
         log = open(oracle.log_path).read()
         assert f"cannot be reached at {ns_ip}:{claimed_port}" in log  # the dial-back went to the observed address...
         assert canary.connections == 0  # ...never to the claimed one
-        undisturbed = stream_tokens(oracle.url, model_id)
+        undisturbed = stream_logprobs(oracle.url, model_id, STORY, 400)
 
         # A replica joins on this side; then the Scout behind NAT dies mid-stream.
         killed = []
@@ -186,7 +176,7 @@ def test_a_scout_behind_nat_joins_serves_and_fails_over(namespace, tmp_path_fact
                 nat.proc.kill()
                 killed.append(n)
 
-        disturbed = stream_tokens(oracle.url, model_id, kill_once_the_replica_serves)
+        disturbed = stream_logprobs(oracle.url, model_id, STORY, 400, kill_once_the_replica_serves)
         assert killed, "the replica did not join before the stream ended"
         assert len(disturbed) == len(undisturbed)
         same_or_tied_tokens(undisturbed, disturbed)

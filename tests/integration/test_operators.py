@@ -67,6 +67,7 @@ def test_dashboard_shows_the_live_swarm_in_headless_chromium(swarm, tmp_path):
     cells = re.findall(r'data-block="(\d+)" data-coverage="(\d+)"', dom)
     assert [int(b) for b, _ in cells] == list(range(30)) and all(int(n) >= 1 for _, n in cells)
     assert all(f'data-peer="{peer}"' in dom for peer in scouts)
+    assert dom.count('<td class="reached">direct</td>') == len(scouts)  # how each Scout is reached
     shot = tmp_path / "dashboard.png"
     subprocess.run([*flags, "--window-size=1280,900", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000

@@ -13,9 +13,9 @@ import pytest
 
 from shard_common.identity import Identity
 
-from .conftest import ADMIN_KEY, OracleProcess, client, same_or_tied_tokens
+from .conftest import OracleProcess, same_or_tied_tokens, stream_logprobs
 
-QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+STORY = "Write a short story about a lighthouse keeper and a storm."
 
 
 def local_scout_pids(oracle: OracleProcess, data_dir) -> dict[str, int]:
@@ -32,18 +32,6 @@ def local_scout_pids(oracle: OracleProcess, data_dir) -> dict[str, int]:
     return out
 
 
-def stream_tokens(c, model_id: str, on_token=None) -> list:
-    stream = c.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=48, stream=True,
-                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
-    tokens = []
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
-            tokens += chunk.choices[0].logprobs.content
-            if on_token is not None:
-                on_token(len(tokens))
-    return tokens
-
-
 @pytest.fixture()
 def three_scouts(tmp_path):
     oracle = OracleProcess(tmp_path, "--local-scouts", "3", "--dead-after", "2", ready=False)
@@ -57,8 +45,7 @@ def three_scouts(tmp_path):
 
 def test_killing_the_only_scout_of_some_blocks_mid_stream_heals_and_keeps_the_tokens(three_scouts, model_id):
     oracle, data_dir = three_scouts
-    c = client(oracle.url, ADMIN_KEY)
-    undisturbed = stream_tokens(c, model_id)
+    undisturbed = stream_logprobs(oracle.url, model_id, STORY, 48)
     middle = oracle.status()["chain"][1]  # every stream runs through every Scout; this one holds the middle blocks
     pid = local_scout_pids(oracle, data_dir)[middle]
     killed = []
@@ -68,7 +55,7 @@ def test_killing_the_only_scout_of_some_blocks_mid_stream_heals_and_keeps_the_to
             os.kill(pid, signal.SIGKILL)
             killed.append(time.monotonic())
 
-    healed = stream_tokens(c, model_id, kill_after_15)
+    healed = stream_logprobs(oracle.url, model_id, STORY, 48, kill_after_15)
     assert killed, "the stream ended before the Scout could be killed"
     assert len(healed) == len(undisturbed) == 48
     same_or_tied_tokens(undisturbed, healed)

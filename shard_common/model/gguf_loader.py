@@ -39,6 +39,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     tokens = reader.fields["tokenizer.ggml.tokens"]
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     has_bias = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+    has_qk_norm = any(t.name == "blk.0.attn_q_norm.weight" for t in reader.tensors)
     return ModelConfig(
         architecture=arch,
         n_layers=int(_field(reader, f"{arch}.block_count")),
@@ -53,6 +54,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         head_dim=int(_field(reader, f"{arch}.attention.key_length", d_model // n_heads)),
         tie_embeddings=not has_output,
         qkv_bias=has_bias,
+        qk_norm=has_qk_norm,
     )
 
 

@@ -21,13 +21,15 @@ from .weights import ModelWeights, TokenizerSpec
 log = logging.getLogger(__name__)
 
 QUANTIZE_TYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
-ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -50,7 +52,7 @@ def read_config(folder: Path) -> ModelConfig:
     cfg = json.loads((folder / "config.json").read_text())
     arch = ARCHITECTURES.get(cfg.get("model_type", ""))
     if arch is None:
-        raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported (llama, mistral, qwen2)")
+        raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported ({', '.join(ARCHITECTURES)})")
     n_heads = cfg["num_attention_heads"]
     return ModelConfig(
         architecture=arch,
@@ -67,6 +69,7 @@ def read_config(folder: Path) -> ModelConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
     )
 
 
@@ -126,7 +129,7 @@ def load_hf_folder(folder: Path, quantize: str | None = None) -> ModelWeights:
                     continue
                 # Norms and biases stay in float; only matrices of blocks (and the embedding, for
                 # q8_0) are quantized, as llama.cpp does.
-                is_block_matrix = name.startswith("blk.") and name.endswith(".weight")
+                is_block_matrix = name.startswith("blk.") and name.endswith(".weight") and not name.endswith("_norm.weight")
                 wants = qtype if is_block_matrix or (qtype == QT.Q8_0 and name.startswith(("token_embd", "output."))) else None
                 tensors[name] = to_qtensor(st.get_tensor(key), wants)
     log.info("loaded %s: %s, %d blocks", folder, config.architecture, config.n_layers)

@@ -74,6 +74,12 @@ class Block(torch.nn.Module):
         name = f"blk.{index}"
         self.attn_norm = tensors["attn_norm"].dequantize().to(device)
         self.ffn_norm = tensors["ffn_norm"].dequantize().to(device)
+        # Qwen 3: one RMSNorm weight per head dim for q and one for k, stacked per head so a
+        # single op normalises the fused q|k heads.
+        self.qk_norm = None
+        if config.qk_norm:
+            q_norm, k_norm = tensors["attn_q_norm"].dequantize(), tensors["attn_k_norm"].dequantize()
+            self.qk_norm = torch.cat([q_norm.expand(config.n_heads, -1), k_norm.expand(config.n_kv_heads, -1)]).to(device)
         qkv = [tensors["attn_q"], tensors["attn_k"], tensors["attn_v"]]
         if len({t.qtype for t in qkv}) == 1:
             self.qkv = fused_linear(qkv, [tensors.get(f"{n}.bias") for n in ("attn_q", "attn_k", "attn_v")], device, dtype, dense, name)
@@ -130,7 +136,10 @@ class Block(torch.nn.Module):
         t = h.shape[0]
         qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps, self.act_dtype))
         # q and k share one RoPE application: they are adjacent columns of the fused projection.
-        qk = apply_rope(qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, qk.dtype)
+        qk = apply_rope(qk, cos, sin)
         kv_dtype = seqs[0].cache.k.dtype
         qk = qk.to(kv_dtype)
         q = qk[:, : cfg.n_heads] * self.scale

@@ -14,15 +14,15 @@ from gguf import quants as gguf_quants
 from shard_common.model.loader import load_weights
 from shard_common.tokenizer import Tokenizer
 
-from .test_reference import forward_logits
+from .test_reference import ROPE_BASE, forward_logits, tiny_reference
 
 transformers = pytest.importorskip("transformers")
 
-ROPE_BASE = 50000.0  # not the default, so a loader that misses it fails
 
 HF_TO_GGUF = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 
@@ -41,6 +41,8 @@ def write_gguf(path, model, arch: str, spec, qtype: QT) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(ROPE_BASE)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -78,19 +80,15 @@ def write_gguf(path, model, arch: str, spec, qtype: QT) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", QT.F32), ("mistral", QT.F32), ("qwen2", QT.F32), ("llama", QT.Q8_0), ("qwen2", QT.Q4_0)])
+@pytest.mark.parametrize("arch,qtype", [("llama", QT.F32), ("mistral", QT.F32), ("qwen2", QT.F32), ("qwen3", QT.F32),
+                                        ("llama", QT.Q8_0), ("qwen2", QT.Q4_0), ("qwen3", QT.Q4_0)])
 def test_written_gguf_matches_transformers(tmp_path, weights, tokenizer, arch, qtype):
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]
-    cfg = cls(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=ROPE_BASE,
-              tie_word_embeddings=arch != "mistral")
-    torch.manual_seed(1)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref = tiny_reference(arch, tokenizer.vocab_size, 2, 1)
     path = tmp_path / f"tiny-{arch}.gguf"
     write_gguf(path, ref, arch, weights.tokenizer, qtype)
     loaded = load_weights(path)
     assert loaded.config.architecture == arch and loaded.config.n_layers == 2
-    assert loaded.config.qkv_bias == (arch == "qwen2")
+    assert loaded.config.qkv_bias == (arch == "qwen2") and loaded.config.qk_norm == (arch == "qwen3")
     assert Tokenizer(loaded.tokenizer).encode("Hello there") == tokenizer.encode("Hello there")
     ids = tokenizer.encode("Tiny models are written and read back.")
     with torch.no_grad():

@@ -43,16 +43,29 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], target).item())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_tiny_random_checkpoint_matches_transformers(tmp_path, tokenizer, arch):
+CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}
+
+
+def tiny_reference(arch: str, vocab_size: int, layers: int, seed: int):
+    """A tiny random transformers model of ``arch``; norms (Qwen 3's per-head q/k norms included)
+    get random weights, so a loader that drops one fails."""
     common = dict(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=ROPE_BASE,
-        tie_word_embeddings=arch != "mistral",
+        tie_word_embeddings=arch != "mistral", head_dim=16,
     )
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cls(**common)).eval()
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(getattr(transformers, CONFIGS[arch])(**common)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_tiny_random_checkpoint_matches_transformers(tmp_path, tokenizer, arch):
+    ref = tiny_reference(arch, tokenizer.vocab_size, 3, 0)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.hf.save(str(tmp_path / "tokenizer.json"))
     ids = tokenizer.encode("A tiny model still has to compute the same numbers.")

@@ -103,7 +103,7 @@ class SpanServer:
         try:
             peer = await accept(reader, writer, self.identity, self.cert_der)
         except (FrameError, HandshakeError) as e:
-            log.warning("dropping a connection: %s", e)
+            log.warning("dropping connection from ?: %s", e)  # who it is was not proven
             writer.close()
             return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):

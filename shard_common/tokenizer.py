@@ -76,9 +76,10 @@ def build_hf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
         tok.decoder = decoders.ByteLevel()
     elif spec.model == "llama":
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(spec.tokens, spec.scores), byte_fallback=True, fuse_unk=True, unk_token="<unk>" if "<unk>" in vocab else None))
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        prefix = [normalizers.Prepend("▁")] if spec.add_space_prefix else []
+        tok.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
         tok.decoder = decoders.Sequence([
-            decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+            decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *([decoders.Strip(" ", 1, 0)] if prefix else []),
         ])
     else:
         raise ValueError(f"tokenizer model {spec.model!r} is not supported (gpt2, llama)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,17 @@ class ModelConfig:
     head_dim: int = 0
     tie_embeddings: bool = True
     qkv_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen 3)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen 3, Gemma 3)
+    # Gemma 3: embeddings scaled by sqrt(d_model); norms after attention and after the MLP too;
+    # GeGLU (tanh GELU); every ``global_every``-th block attends globally with ``rope_base``, the
+    # others within ``sliding_window`` positions with ``rope_local_base``; q scaled by ``attn_scale``.
+    embed_scale: float = 1.0
+    post_norms: bool = False
+    activation: str = "silu"  # or "gelu_tanh"
+    sliding_window: int = 0  # 0: every block attends to every position
+    global_every: int = 0
+    rope_local_base: float = 0.0
+    attn_scale: float = 0.0  # 0: head_dim ** -0.5
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -31,6 +41,8 @@ class ModelConfig:
             )
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.attn_scale == 0.0:
+            object.__setattr__(self, "attn_scale", self.head_dim ** -0.5)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
@@ -41,6 +53,13 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        """Does block ``layer`` attend only within the sliding window?"""
+        return bool(self.sliding_window) and (not self.global_every or (layer + 1) % self.global_every != 0)
+
+    def rope_base_of(self, layer: int) -> float:
+        return self.rope_local_base if self.is_sliding(layer) and self.rope_local_base else self.rope_base
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,7 +25,10 @@ class ModelEnds:
         ids = torch.as_tensor(token_ids, dtype=torch.long).cpu().numpy()
         if ids.size and (ids.min() < 0 or ids.max() >= self.embedding.rows):
             raise ValueError(f"token id out of range [0, {self.embedding.rows})")
-        return self.embedding.take_rows(ids).dequantize().to(self.runtime.device)
+        rows = self.embedding.take_rows(ids).dequantize()
+        if self.config.embed_scale != 1.0:
+            rows = rows * self.config.embed_scale
+        return rows.to(self.runtime.device)
 
     def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden, self.norm, self.config.norm_eps, self.runtime.dtype)

@@ -40,6 +40,12 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     has_bias = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
     has_qk_norm = any(t.name == "blk.0.attn_q_norm.weight" for t in reader.tensors)
+    gemma = {}
+    if arch == "gemma3":
+        # What llama.cpp hard-codes for the architecture (not in the file): every 6th block is
+        # global, the sliding ones use RoPE base 10 000, q is scaled by 1/sqrt(head_dim).
+        gemma = dict(embed_scale=d_model ** 0.5, post_norms=True, activation="gelu_tanh", global_every=6,
+                     sliding_window=int(_field(reader, f"{arch}.attention.sliding_window", 0)), rope_local_base=10000.0)
     return ModelConfig(
         architecture=arch,
         n_layers=int(_field(reader, f"{arch}.block_count")),
@@ -55,7 +61,22 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         tie_embeddings=not has_output,
         qkv_bias=has_bias,
         qk_norm=has_qk_norm,
+        **gemma,
     )
+
+
+# Gemma's turn format, for files that carry no template (the published Gemma 3 GGUFs do not):
+# no system role, so a system message is folded into the first user turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] ~ '\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for m in messages %}"
+    "{{ '<start_of_turn>' ~ ('model' if m['role'] == 'assistant' else 'user') ~ '\n' }}"
+    "{{ ((system if loop.first else '') ~ (m['content'] or '')) | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 def read_tokenizer(reader: GGUFReader) -> TokenizerSpec:
@@ -63,9 +84,15 @@ def read_tokenizer(reader: GGUFReader) -> TokenizerSpec:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eom = _field(reader, "tokenizer.ggml.eom_token_id")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    template = _field(reader, "tokenizer.chat_template")
+    if _field(reader, "general.architecture") == "gemma3":
+        template = template or GEMMA_TEMPLATE
+        if eot is None and "<end_of_turn>" in tokens:
+            eot = tokens.index("<end_of_turn>")  # the end of a model turn, as llama.cpp finds it
     return TokenizerSpec(
         model=model,
-        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        tokens=tokens,
         merges=list(_field(reader, "tokenizer.ggml.merges", [])),
         scores=[float(s) for s in _field(reader, "tokenizer.ggml.scores", [])],
         token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type", [])],
@@ -74,7 +101,8 @@ def read_tokenizer(reader: GGUFReader) -> TokenizerSpec:
         eos_id=eos,
         extra_stop_ids=sorted({int(t) for t in (eot, eom) if t is not None and t != eos}),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        chat_template=template,
     )
 
 

@@ -94,8 +94,14 @@ class Block(torch.nn.Module):
         else:
             self.gate_up = ConcatLinear([make_linear(t, None, device, dtype, dense, name) for t in gate_up])
         self.down = make_linear(tensors["ffn_down"], None, device, dtype, dense, name)
+        # Gemma 3: the attention output and the MLP output are normalised again before the residual add.
+        self.post_attn_norm = self.post_ffw_norm = None
+        if config.post_norms:
+            self.post_attn_norm = tensors["post_attention_norm"].dequantize().to(device)
+            self.post_ffw_norm = tensors["post_ffw_norm"].dequantize().to(device)
+        self.window = config.sliding_window if config.is_sliding(index) else 0
         self.group = config.n_heads // config.n_kv_heads
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.attn_scale
         self.act_dtype = dtype
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, seqs: list[SeqSlice]) -> torch.Tensor:
@@ -110,7 +116,9 @@ class Block(torch.nn.Module):
             kc, vc = s.cache.k[layer], s.cache.v[layer]
             kc[:, s.start:end] = k[offset:offset + n].transpose(0, 1)
             vc[:, s.start:end] = v[offset:offset + n].transpose(0, 1)
-            keys, values = kc[:, :end], vc[:, :end]
+            # A sliding-window block sees the last ``window`` positions (itself included).
+            first = max(0, end - self.window - n + 1) if self.window else 0
+            keys, values = kc[:, first:end], vc[:, first:end]
             if n == 1:
                 # Decode: the g query heads sharing a KV head form a [hkv, g, hd] batch (a view,
                 # no copy), and plain matmuls beat SDPA's dispatch for one query row.
@@ -121,9 +129,12 @@ class Block(torch.nn.Module):
                 # Grouped-query attention without repeating K/V: the query heads sharing one KV
                 # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
                 qs = q[offset:offset + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
-                key_pos = torch.arange(end, device=q.device)
+                key_pos = torch.arange(first, end, device=q.device)
                 query_pos = torch.arange(s.start, end, device=q.device)
-                mask = (key_pos[None, :] <= query_pos[:, None]).repeat(g, 1)
+                mask = key_pos[None, :] <= query_pos[:, None]
+                if self.window:
+                    mask &= key_pos[None, :] > query_pos[:, None] - self.window
+                mask = mask.repeat(g, 1)
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=1.0)
                 outs.append(o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim))
             offset += n
@@ -145,10 +156,16 @@ class Block(torch.nn.Module):
         q = qk[:, : cfg.n_heads] * self.scale
         k = qk[:, cfg.n_heads:]
         v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim)
-        attn = self.attention(q, k, v, layer, seqs).to(self.act_dtype)
-        h = h + self.wo(attn)
+        attn = self.wo(self.attention(q, k, v, layer, seqs).to(self.act_dtype))
+        if self.post_attn_norm is not None:
+            attn = rms_norm(attn, self.post_attn_norm, cfg.norm_eps, torch.float32)
+        h = h + attn
         gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps, self.act_dtype)).split([cfg.ffn_dim, cfg.ffn_dim], dim=-1)
-        return h + self.down(F.silu(gate) * up)
+        act = F.gelu(gate, approximate="tanh") if cfg.activation == "gelu_tanh" else F.silu(gate)
+        out = self.down(act * up)
+        if self.post_ffw_norm is not None:
+            out = rms_norm(out, self.post_ffw_norm, cfg.norm_eps, torch.float32)
+        return h + out
 
 
 class ConcatLinear(torch.nn.Module):

@@ -41,7 +41,9 @@ class Span:
         self.blocks = [
             Block(config, weights.block(i), runtime.device, runtime.dtype, runtime.dense, i) for i in range(start, end)
         ]
-        self.rope = RotaryTable(config.head_dim, config.rope_base, config.context_length, runtime.dtype, runtime.device)
+        # One table per RoPE base (Gemma 3's sliding blocks use another base than its global ones).
+        self.ropes = {base: RotaryTable(config.head_dim, base, config.context_length, runtime.dtype, runtime.device)
+                      for base in {config.rope_base_of(i) for i in range(start, end)}}
         self.kv = KVCachePool(
             end - start, config.n_kv_heads, config.head_dim, runtime.kv_dtype, runtime.device,
             budget_bytes=kv_budget_bytes, max_length=config.context_length,
@@ -63,10 +65,10 @@ class Span:
             cache.last_used = now
             seqs.append(SeqSlice(cache, r.start, r.n_tokens))
         positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
-        cos, sin = self.rope.lookup(positions)
+        tables = {base: rope.lookup(positions) for base, rope in self.ropes.items()}
         h = hidden.float()
         for layer, block in enumerate(self.blocks):
-            h = block(h, layer, cos, sin, seqs)
+            h = block(h, layer, *tables[self.config.rope_base_of(block.index)], seqs)
         for s in seqs:
             s.cache.length = s.start + s.n
         return h

@@ -33,6 +33,7 @@ class TokenizerSpec:
     eos_id: int | None = None
     extra_stop_ids: list[int] = field(default_factory=list)
     add_bos: bool = False
+    add_space_prefix: bool = True  # SentencePiece: a "▁" before the text (Gemma's files say no)
     chat_template: str | None = None
 
     def vocab_digest(self) -> str:

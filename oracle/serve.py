@@ -209,10 +209,10 @@ def serve(args: argparse.Namespace) -> int:
             try:
                 await run_site(app, args.host, args.port, stop, ready, start_scouts)
             finally:
+                if swarm is not None:  # first: Scouts going away now are not news to act on
+                    await swarm.close()
                 if local_scouts is not None:
                     await local_scouts.stop()
-                if swarm is not None:
-                    await swarm.close()
 
         log.warning("serving model %s as %s", path, ", ".join(state.model_ids))
         return run_servers(main, executor, "oracle", loop)

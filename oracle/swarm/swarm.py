@@ -53,7 +53,8 @@ class Swarm:
         self.wire_dtype = wire_dtype
         self.connections: list[ScoutConnection] = []
         self.listener = listener  # Scouts the Oracle cannot reach dial in here
-        self.dial_in: dict[str, str] = {}  # peer id → why the Oracle does not dial it (it dials in)
+        self.dial_failed: dict[str, str] = {}  # peer id → how the Oracle's dial-back failed (sticky)
+        self.dial_in: dict[str, str] = {}  # peer id → why it must open the connection itself
         # The engine's Pipeline and drafter: built now, usable once connect() has run on ``loop``.
         self.pipeline = SwarmPipeline(self._live, n_layers, loop, health, wire_dtype, fill, reroute_seconds,
                                       auditor=auditor, mirror=mirror, piggyback=piggyback)
@@ -80,16 +81,32 @@ class Swarm:
     def draft_scouts(self) -> list[ScoutConnection]:
         return [c for c in self.connections if not c.dead and c.role == "draft"]
 
-    def _wanted(self) -> dict[str, tuple[ScoutAddress | None, tuple[int, int] | None]]:
-        """Per peer id: where to dial it (None: it dials in) and the span it must serve (None:
-        whatever it says). Addresses given with --scouts are the operator's, dialled as given."""
-        wanted: dict[str, tuple[ScoutAddress | None, tuple[int, int] | None]] = {a.peer_id: (a, None) for a in self.addresses}
+    def _wanted(self) -> dict[str, tuple[ScoutAddress | None, tuple[int, int] | None, str | None]]:
+        """Per peer id: where to dial it (None: it dials in, for the reason given last), and the
+        span it must serve (None: whatever it says). Addresses given with --scouts are the
+        operator's, dialled as given."""
+        wanted: dict[str, tuple[ScoutAddress | None, tuple[int, int] | None, str | None]] = {
+            a.peer_id: (a, None, None) for a in self.addresses}
         for s in self.control.serving() if self.control is not None else []:
-            wanted[s.peer_id] = (s.address, s.span)
-            if s.address is None and self.dial_in.get(s.peer_id) != s.unreachable:
-                log.warning("Scout %s will dial in: %s", s.peer_id, s.unreachable)
-                self.dial_in[s.peer_id] = s.unreachable
+            wanted[s.peer_id] = (s.address, s.span, s.unreachable)
         return wanted
+
+    def _update_dial_in(self, wanted: dict) -> None:
+        """Which Scouts must dial in: those the Oracle may not or could not dial, unless a direct
+        connection already runs (a libp2p reconnect must not flip them), and those that did dial
+        in (they keep their connection only while listed)."""
+        direct = {c.peer_id for c in self.connections if not c.dead and c.reached == "direct"}
+        dial_in = {}
+        for peer, (address, _, unreachable) in wanted.items():
+            why = self.dial_failed.get(peer) or (unreachable if address is None else None)
+            if why and peer not in direct:
+                dial_in[peer] = why
+                if peer not in self.dial_in:
+                    log.warning("Scout %s will dial in: %s", peer, why)
+        self.dial_failed = {peer: why for peer, why in self.dial_failed.items() if peer in wanted}
+        self.dial_in = dial_in
+        if self.control is not None:
+            self.control.dial_in = set(dial_in)
 
     async def _maintain(self) -> None:
         failures: dict[str, str] = {}
@@ -112,10 +129,9 @@ class Swarm:
                 log.warning("dropping Scout %s: %s", c.peer_id, why)
                 c.dead = True
                 await c.close()
-        self.dial_in = {peer: why for peer, why in self.dial_in.items() if peer in wanted}
         live = {c.peer_id for c in self.connections if not c.dead}
-        todo = [(address, span) for peer, (address, span) in wanted.items() if peer not in live and address is not None
-                and peer not in self.dial_in and self.health.may_connect(peer)]
+        todo = [(address, span) for peer, (address, span, _) in wanted.items() if peer not in live and address is not None
+                and peer not in self.dial_failed and self.health.may_connect(peer)]
         # Concurrently: one Scout that accepts but never answers must not hold up the others.
         opened = await asyncio.gather(*(ScoutConnection(a, self.identity, self.hop_timeout_seconds, self.health).open()
                                         for a, _ in todo), return_exceptions=True)
@@ -125,8 +141,8 @@ class Swarm:
                     (isinstance(conn, OSError) and conn.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)):
                 if self.listener is not None and self.control is not None and peer not in {a.peer_id for a in self.addresses}:
                     # The dial-back failed: the Scout is behind NAT or a firewall. It dials in.
-                    self.dial_in[peer] = f"dialling {address.host}:{address.port} failed ({conn!r})"
-                    log.warning("Scout %s cannot be reached at %s:%d; it will dial in", peer, address.host, address.port)
+                    self.dial_failed[peer] = f"dialling {address.host}:{address.port} failed ({conn!r})"
+                    log.warning("Scout %s cannot be reached at %s:%d", peer, address.host, address.port)
                     continue
             if isinstance(conn, BaseException):  # unreachable, wrong identity, bad handshake: try again later
                 if not isinstance(conn, asyncio.TimeoutError) and failures.get(peer) != str(conn):
@@ -135,8 +151,7 @@ class Swarm:
                 continue
             failures.pop(peer, None)
             self._adopt(conn, span)
-        if self.control is not None:
-            self.control.dial_in = set(self.dial_in)
+        self._update_dial_in(wanted)
         load = self.pipeline.load()
         if self.control is not None:
             self.control.busy = {c.peer_id for c in load}

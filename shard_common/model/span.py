@@ -65,7 +65,8 @@ class Span:
             cache.last_used = now
             seqs.append(SeqSlice(cache, r.start, r.n_tokens))
         positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
-        tables = {base: rope.lookup(positions) for base, rope in self.ropes.items()}
+        end = max(r.start + r.n_tokens for r in requests)
+        tables = {base: rope.lookup(positions, end) for base, rope in self.ropes.items()}
         h = hidden.float()
         for layer, block in enumerate(self.blocks):
             h = block(h, layer, *tables[self.config.rope_base_of(block.index)], seqs)

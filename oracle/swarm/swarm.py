@@ -53,7 +53,9 @@ class Swarm:
         self.wire_dtype = wire_dtype
         self.connections: list[ScoutConnection] = []
         self.listener = listener  # Scouts the Oracle cannot reach dial in here
-        self.dial_failed: dict[str, str] = {}  # peer id → how the Oracle's dial-back failed (sticky)
+        # peer id → (the address, how dialling it failed): not dialled again while it announces the
+        # same address (a restarted Scout announces a new port and is tried again).
+        self.dial_failed: dict[str, tuple[ScoutAddress, str]] = {}
         self.dial_in: dict[str, str] = {}  # peer id → why it must open the connection itself
         # The engine's Pipeline and drafter: built now, usable once connect() has run on ``loop``.
         self.pipeline = SwarmPipeline(self._live, n_layers, loop, health, wire_dtype, fill, reroute_seconds,
@@ -98,12 +100,13 @@ class Swarm:
         direct = {c.peer_id for c in self.connections if not c.dead and c.reached == "direct"}
         dial_in = {}
         for peer, (address, _, unreachable) in wanted.items():
-            why = self.dial_failed.get(peer) or (unreachable if address is None else None)
+            failed = self.dial_failed.get(peer)
+            why = failed[1] if failed and failed[0] == address else unreachable if address is None else None
             if why and peer not in direct:
                 dial_in[peer] = why
                 if peer not in self.dial_in:
                     log.warning("Scout %s will dial in: %s", peer, why)
-        self.dial_failed = {peer: why for peer, why in self.dial_failed.items() if peer in wanted}
+        self.dial_failed = {peer: f for peer, f in self.dial_failed.items() if peer in wanted and f[0] == wanted[peer][0]}
         self.dial_in = dial_in
         if self.control is not None:
             self.control.dial_in = set(dial_in)
@@ -131,7 +134,7 @@ class Swarm:
                 await c.close()
         live = {c.peer_id for c in self.connections if not c.dead}
         todo = [(address, span) for peer, (address, span, _) in wanted.items() if peer not in live and address is not None
-                and peer not in self.dial_failed and self.health.may_connect(peer)]
+                and self.dial_failed.get(peer, (None,))[0] != address and self.health.may_connect(peer)]
         # Concurrently: one Scout that accepts but never answers must not hold up the others.
         opened = await asyncio.gather(*(ScoutConnection(a, self.identity, self.hop_timeout_seconds, self.health).open()
                                         for a, _ in todo), return_exceptions=True)
@@ -141,7 +144,7 @@ class Swarm:
                     (isinstance(conn, OSError) and conn.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)):
                 if self.listener is not None and self.control is not None and peer not in {a.peer_id for a in self.addresses}:
                     # The dial-back failed: the Scout is behind NAT or a firewall. It dials in.
-                    self.dial_failed[peer] = f"dialling {address.host}:{address.port} failed ({conn!r})"
+                    self.dial_failed[peer] = (address, f"dialling {address.host}:{address.port} failed ({conn!r})")
                     log.warning("Scout %s cannot be reached at %s:%d", peer, address.host, address.port)
                     continue
             if isinstance(conn, BaseException):  # unreachable, wrong identity, bad handshake: try again later

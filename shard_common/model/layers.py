@@ -8,6 +8,7 @@ and only attention runs per session, against that session's own KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,8 @@ class Block(torch.nn.Module):
             self.post_attn_norm = tensors["post_attention_norm"].dequantize().to(device)
             self.post_ffw_norm = tensors["post_ffw_norm"].dequantize().to(device)
         self.window = config.sliding_window if config.is_sliding(index) else 0
+        self.rope_base = config.rope_base_of(index)  # which of the span's RoPE tables this block uses
+        self.activation = partial(F.gelu, approximate="tanh") if config.activation == "gelu_tanh" else F.silu
         self.group = config.n_heads // config.n_kv_heads
         self.scale = config.attn_scale
         self.act_dtype = dtype
@@ -173,8 +176,7 @@ class Block(torch.nn.Module):
             attn = rms_norm(attn, self.post_attn_norm, cfg.norm_eps, torch.float32)
         h = h + attn
         gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps, self.act_dtype)).split([cfg.ffn_dim, cfg.ffn_dim], dim=-1)
-        act = F.gelu(gate, approximate="tanh") if cfg.activation == "gelu_tanh" else F.silu(gate)
-        out = self.down(act * up)
+        out = self.down(self.activation(gate) * up)
         if self.post_ffw_norm is not None:
             out = rms_norm(out, self.post_ffw_norm, cfg.norm_eps, torch.float32)
         return h + out

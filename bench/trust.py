@@ -1,15 +1,21 @@
-"""How fast golden tickets catch lying Scouts, what reaches clients meanwhile, and what auditing
-costs — with real processes: an Oracle over libp2p, honest Scouts, and one Scout started with
-``--inject-faults corrupt=C`` as the only server of half of the blocks.
+"""What a lying Scout can deliver to clients before it is caught, what honest Scouts suffer, and
+what auditing costs — with real processes: an Oracle over libp2p (``--fallback-local``), an honest
+Scout on blocks 0-15, and a Scout started with ``--inject-faults corrupt=P`` that joins and becomes
+the only Scout of blocks 15-30.
 
-For every ticket rate R and corruption rate C, ``--trials`` times: greedy requests (8 tokens) one
-after another until the liar is quarantined (or ``--budget`` requests): the liar's forwards until
-quarantine, and the answers that differed from an honest swarm's (corrupted answers served).
-Then honest Scouts alone under a high ticket rate until ``--honest-tickets`` tickets: false
-positives and the relative errors honest Scouts show. Then throughput with auditing off vs on.
-Prints tables, writes bench/results/trust.json and trust.png.
+Phases (each on fresh Oracles, so reputations start clean):
+- ``sole``: for each P, ``--requests`` greedy chat requests one after another (P=0 first: the
+  honest answers every later answer is compared with): wrong answers delivered, the liar's
+  forwards until quarantine, the Oracle's checks.
+- ``honest``: honest Scouts of every backend here (quant and dense, 1 and 2 threads) with every
+  session followed, under concurrent load until ``--honest-checks`` forwards were checked: false
+  failures (must be 0), plausibility flags, the relative errors honest Scouts show.
+- ``cost``: aggregate tokens/s and the Oracle's CPU seconds per token with an honest Scout in the
+  liar's place: auditing off (``--no-audits``), on probation (every session followed), and
+  trusted (after probation: the sampled steady state).
+Prints tables, writes bench/results/trust.json.
 
-    python bench/trust.py [--ticket-rates 0.02 0.05 0.1] [--corruption 1 0.2 0.05 0.01] [--trials 3]
+    python bench/trust.py [--corruption 0.01 0.05 0.2 1] [--requests 80] [--phases sole honest cost]
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from bench.api import run_level, wait_ready  # noqa: E402
-from bench.common import print_table, save_plot, write_json  # noqa: E402
+from bench.common import print_table, write_json  # noqa: E402
 from oracle.swarm.local_scouts import LocalScout  # noqa: E402
 
 KEY = "sk-oracle-bench-" + "t" * 32
 HEADERS = {"Authorization": f"Bearer {KEY}"}
-QUESTIONS = ["What is the capital of France?", "Name three colors.", "Describe the water cycle.", "What is two plus two?"]
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Describe the water cycle.", "What is two plus two?",
+             "Write a haiku about rain.", "Who wrote Hamlet?", "Give me a tip for sleeping well.", "What is a prime number?"]
 
 
 class Oracle:
@@ -43,15 +49,16 @@ class Oracle:
         self.log = open(root / f"oracle-{port}.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--data-dir", str(root / f"oracle-{port}"),
-             "--no-store", "--swarm", "--blocks-per-scout", "15", "--dead-after", "2", "--p2p-port", str(port + 100), *extra],
+             "--swarm", "--blocks-per-scout", "15", "--dead-after", "2", "--fallback-local", "--p2p-port", str(port + 100),
+             "--data-port", "0", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "SHARD_ADMIN_KEY": KEY})
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
                 self.bootstrap = self.status()["oracle_multiaddrs"][0]
                 self.model = requests.get(self.url + "/v1/models", headers=HEADERS, timeout=5).json()["data"][0]["id"]
                 return
-            except (requests.RequestException, KeyError):
+            except (requests.RequestException, KeyError, IndexError):
                 time.sleep(0.5)
         raise TimeoutError("oracle did not start")
 
@@ -62,10 +69,14 @@ class Oracle:
         return next((s for s in self.status()["scouts"] if s["peer_id"] == peer and s["state"] != "dead"), None)
 
     def ask(self, question: str) -> str | None:
-        r = requests.post(self.url + "/v1/chat/completions", headers=HEADERS, timeout=120, json={
-            "model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0,
+        r = requests.post(self.url + "/v1/chat/completions", headers=HEADERS, timeout=300, json={
+            "model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0,
             "speculative": "off"})
         return r.json()["choices"][0]["message"]["content"] if r.ok else None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
         self.proc.terminate()
@@ -77,7 +88,7 @@ def scout(root: Path, name: str, oracle: Oracle, *extra: str) -> LocalScout:
     return LocalScout(None, root / name, ["--bootstrap", oracle.bootstrap, "--threads", "1", "--heartbeat", "0.5", *extra])
 
 
-def wait(check, timeout: float = 60.0):
+def wait(check, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := check():
@@ -86,138 +97,138 @@ def wait(check, timeout: float = 60.0):
     raise TimeoutError("condition not reached")
 
 
-def detection(root: Path, rate: float, corruption: float, trials: int, budget: int, expected: dict, port: int) -> dict:
-    oracle = Oracle(root, port, "--ticket-rate", str(rate))
-    honest_b = scout(root, f"b-{port}", oracle)
-    results = []
+def serving(oracle: Oracle, s: LocalScout) -> dict:
+    return wait(lambda: (info := oracle.scout(s.address.peer_id)) and info["state"] in ("active", "spare", "quarantined") and info)
+
+
+def sole_liar(root: Path, corruption: float, n_requests: int, expected: dict | None, port: int) -> tuple[dict, dict]:
+    """The issue's scenario; returns (the row, the answers given)."""
+    oracle = Oracle(root, port)
+    first = scout(root, f"first-{port}", oracle)
+    liar = None
     try:
-        for trial in range(trials):
-            # The liar joins into the hole a stopped honest Scout left: it alone serves those blocks.
-            honest_a = scout(root, f"a-{port}-{trial}", oracle)
-            wait(lambda: oracle.status()["coverage"] == [1] * 30)
-            honest_a.stop()
-            wait(lambda: 0 in oracle.status()["coverage"])
-            liar = scout(root, f"liar-{port}-{trial}", oracle, "--inject-faults", f"corrupt={corruption}")
-            # Serving, or already caught by the ticket every newcomer gets at once.
-            wait(lambda: (s := oracle.scout(liar.address.peer_id)) and s["state"] in ("active", "spare", "quarantined", "refused"))
-            wrong, sent, forwards, caught = 0, 0, 0, False
-            while sent < budget:
-                q = QUESTIONS[sent % len(QUESTIONS)]
-                answer = oracle.ask(q)
-                sent += 1
-                wrong += answer is not None and answer != expected[q]
+        wait(lambda: (info := oracle.scout(first.address.peer_id)) and info["span"] == [0, 15])
+        extra = ["--inject-faults", f"corrupt={corruption}"] if corruption else []
+        liar = scout(root, f"liar-{port}", oracle, *extra)
+        serving(oracle, liar)
+        answers, wrong, caught_at, requests_at = {}, 0, None, None
+        t0 = time.monotonic()
+        for i in range(n_requests):
+            q = QUESTIONS[i % len(QUESTIONS)]
+            answer = oracle.ask(q)
+            answers.setdefault(q, answer)
+            wrong += expected is not None and answer != expected[q]
+            if caught_at is None:
                 info = oracle.scout(liar.address.peer_id) or {}
-                forwards = max(forwards, info.get("forwards") or 0)
                 if info.get("reputation") in ("quarantined", "banned"):
-                    caught = True
-                    break
-            results.append({"caught": caught, "liar_forwards": forwards, "requests": sent, "wrong_answers": wrong})
-            liar.stop()
+                    caught_at, requests_at = info.get("forwards"), i + 1
+        elapsed = time.monotonic() - t0
+        status = oracle.status()
+        info = next((s for s in status["scouts"] if s["peer_id"] == liar.address.peer_id), {})
+        audits = status.get("audits") or {}
+        row = {"corruption": corruption, "requests": n_requests, "wrong_answers": wrong,
+               "wrong_per_100": round(100 * wrong / n_requests, 2), "liar_forwards": info.get("forwards"),
+               "forwards_to_quarantine": caught_at, "requests_to_quarantine": requests_at,
+               "checks_passed": status["tickets"]["passed"], "checks_failed": status["tickets"]["failed"],
+               "sessions_followed": audits.get("sessions_followed"), "sessions_started": audits.get("sessions_started"),
+               "recomputed": audits.get("recomputed"), "tainted_sessions": info.get("tainted_sessions"),
+               "requests_per_s": round(n_requests / elapsed, 2)}
+        return row, answers
     finally:
         oracle.stop()
-        honest_b.stop()
-    caught = [r["liar_forwards"] for r in results if r["caught"]]
-    return {"ticket_rate": rate, "corruption": corruption, "trials": trials, "caught": len(caught),
-            "median_forwards_to_quarantine": statistics.median(caught) if caught else None,
-            "worst_forwards_to_quarantine": max(caught) if caught else None,
-            "wrong_answers_served": sum(r["wrong_answers"] for r in results), "runs": results}
+        first.stop()
+        if liar is not None:
+            liar.stop()
 
 
-def honest(root: Path, tickets: int, port: int) -> dict:
-    oracle = Oracle(root, port, "--ticket-rate", "1", "--ticket-idle-seconds", "0.01")
-    scouts = [scout(root, f"h{i}-{port}", oracle, *extra) for i, extra in enumerate([[], [], ["--backend", "dense"]])]
+def honest(root: Path, checks: int, port: int) -> dict:
+    """Every session followed (probation never ends) on honest Scouts of every backend here."""
+    oracle = Oracle(root, port, "--audit-probation", "1000000000", "--blocks-per-scout", "15")
+    flavours = [[], ["--backend", "dense"], ["--threads", "2"], ["--backend", "dense", "--threads", "2"]]
+    scouts = [scout(root, f"h{i}-{port}", oracle, *extra) for i, extra in enumerate(flavours)]
     try:
-        wait(lambda: len([s for s in oracle.status()["scouts"] if s["state"] in ("active", "spare")]) == 3)
-        oracle.ask(QUESTIONS[0])  # real prompts become ticket material
+        wait(lambda: len([s for s in oracle.status()["scouts"] if s["state"] in ("active", "spare")]) == len(flavours))
+        wait_ready(oracle.url)
         started = time.monotonic()
-        status = wait(lambda: (st := oracle.status())["tickets"]["passed"] + st["tickets"]["failed"] >= tickets and st,
-                      timeout=tickets)
-        t = status["tickets"]
+        while True:
+            status = oracle.status()
+            t = status["tickets"]
+            if t["passed"] + t["failed"] >= checks:
+                break
+            asyncio.run(run_level(oracle.url, oracle.model, 8, 64, KEY))
         quarantined = [s["peer_id"] for s in status["scouts"] if s.get("reputation") not in (None, "active")]
-        return {"tickets": t["passed"] + t["failed"], "failed": t["failed"], "quarantined_scouts": len(quarantined),
+        per_scout = {s["peer_id"][-6:]: s.get("clean_checks") for s in status["scouts"]}
+        return {"checks": t["passed"] + t["failed"], "failed": t["failed"], "quarantined_scouts": len(quarantined),
+                "plausibility_flags": status["audits"]["plausibility"]["flagged"], "recomputed": status["audits"]["recomputed"],
                 "honest_error_p50": t["honest_error_p50"], "honest_error_max": t["honest_error_max"],
-                "tickets_per_s": (t["passed"] + t["failed"]) / (time.monotonic() - started)}
+                "checks_per_s": round((t["passed"] + t["failed"]) / (time.monotonic() - started), 1), "per_scout": per_scout}
     finally:
         oracle.stop()
         for s in scouts:
             s.stop()
 
 
-def overhead(root: Path, port: int) -> list[dict]:
+def cost(root: Path, port: int, rounds: int) -> list[dict]:
     rows = []
-    for rate in (0.0, 0.05):
-        oracle = Oracle(root, port, "--ticket-rate", str(rate))
-        scouts = [scout(root, f"o{i}-{port}", oracle) for i in range(2)]
+    for name, extra in (("off", ["--no-audits"]), ("probation", ["--audit-probation", "1000000000"]), ("trusted", [])):
+        oracle = Oracle(root, port, *extra)
+        scouts = [scout(root, f"c{i}-{port}", oracle) for i in range(2)]
         try:
             wait(lambda: oracle.status()["coverage"] == [1] * 30)
             wait_ready(oracle.url)
+            if name == "trusted":  # past probation and its halving: the sampled steady state
+                wait(lambda: (asyncio.run(run_level(oracle.url, oracle.model, 4, 48, KEY)) and
+                              all((s.get("clean_checks") or 0) >= 1000 for s in oracle.status()["scouts"])), timeout=1800)
             asyncio.run(run_level(oracle.url, oracle.model, 2, 8, KEY))
-            rows.append({"ticket_rate": rate, **asyncio.run(run_level(oracle.url, oracle.model, 4, 48, KEY))})
+            cpu0, results = oracle.cpu_seconds(), []
+            for _ in range(rounds):
+                results.append(asyncio.run(run_level(oracle.url, oracle.model, 4, 48, KEY)))
+            cpu = oracle.cpu_seconds() - cpu0
+            tokens = sum(r["tokens"] for r in results)
+            audits = oracle.status().get("audits") or {}
+            rows.append({"audits": name, "aggregate_tok_s": round(sum(r["aggregate_tok_s"] for r in results) / rounds, 2),
+                         "itl_p50_ms": round(sorted(r["itl_p50_ms"] for r in results)[rounds // 2], 1),
+                         "oracle_cpu_ms_per_token": round(1000 * cpu / tokens, 2),
+                         "followed_share": round(audits["sessions_followed"] / max(1, audits["sessions_started"]), 3) if audits else 0.0,
+                         "audit_share": audits.get("audit_share", 0.0)})
         finally:
             oracle.stop()
             for s in scouts:
                 s.stop()
-        port += 1
+        port += 2
+    off = rows[0]["aggregate_tok_s"]
+    for r in rows:
+        r["vs_off"] = round(r["aggregate_tok_s"] / off, 3)
     return rows
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for rate in sorted({r["ticket_rate"] for r in rows}):
-        pts = [(r["corruption"], r["median_forwards_to_quarantine"]) for r in rows if r["ticket_rate"] == rate and r["caught"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"ticket rate {rate:.0%}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("share of outputs corrupted")
-    ax.set_ylabel("liar's forwards until quarantine (median)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ticket-rates", type=float, nargs="+", default=[0.02, 0.05, 0.1])
-    parser.add_argument("--corruption", type=float, nargs="+", default=[1.0, 0.2, 0.05, 0.01])
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=100, help="requests per trial before giving up")
-    parser.add_argument("--honest-tickets", type=int, default=10000)
-    parser.add_argument("--phases", nargs="+", default=["detection", "honest", "overhead"],
-                        choices=["detection", "honest", "overhead"])
+    parser.add_argument("--corruption", type=float, nargs="+", default=[0.01, 0.05, 0.2, 1.0])
+    parser.add_argument("--requests", type=int, default=80, help="greedy chat requests per liar")
+    parser.add_argument("--honest-checks", type=int, default=10000)
+    parser.add_argument("--cost-rounds", type=int, default=5)
+    parser.add_argument("--phases", nargs="+", default=["sole", "honest", "cost"], choices=["sole", "honest", "cost"])
     args = parser.parse_args()
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        reference = Oracle(root, 8950)
-        ref_scouts = [scout(root, f"ref{i}", reference) for i in range(2)]
-        wait(lambda: reference.status()["coverage"] == [1] * 30)
-        expected = {q: reference.ask(q) for q in QUESTIONS}
-        reference.stop()
-        for s in ref_scouts:
-            s.stop()
-        rows, fp, cost, port = [], None, [], 8960
-        if "detection" in args.phases:
-            for rate in args.ticket_rates:
-                for c in args.corruption:
-                    rows.append(detection(root, rate, c, args.trials, args.budget, expected, port))
-                    port += 2
-            print_table(rows, ["ticket_rate", "corruption", "trials", "caught", "median_forwards_to_quarantine",
-                               "worst_forwards_to_quarantine", "wrong_answers_served"])
+        if "sole" in args.phases:
+            baseline, expected = sole_liar(root, 0.0, len(QUESTIONS), None, 8960)
+            rows = [baseline]
+            for i, p in enumerate(args.corruption):
+                rows.append(sole_liar(root, p, args.requests, expected, 8962 + 2 * i)[0])
+            print_table(rows, ["corruption", "requests", "wrong_answers", "wrong_per_100", "forwards_to_quarantine",
+                               "requests_to_quarantine", "liar_forwards", "checks_failed", "recomputed", "tainted_sessions"])
+            results["sole"] = rows
         if "honest" in args.phases:
-            fp = honest(root, args.honest_tickets, 9100)
-            print_table([fp], list(fp))
-        if "overhead" in args.phases:
-            cost = overhead(root, 9110)
-            print_table(cost, ["ticket_rate", "aggregate_tok_s", "itl_p50_ms", "ttft_p50_ms"])
+            results["honest"] = honest(root, args.honest_checks, 9100)
+            print_table([results["honest"]], [k for k in results["honest"] if k != "per_scout"])
+        if "cost" in args.phases:
+            results["cost"] = cost(root, 9110, args.cost_rounds)
+            print_table(results["cost"], list(results["cost"][0]))
     name = "trust" if len(args.phases) == 3 else "trust-" + "-".join(args.phases)
-    print("wrote", write_json(name, {"detection": rows, "honest": fp, "overhead": cost}))
-    if rows:
-        save_plot(plot, rows, "trust")
+    print("wrote", write_json(name, results))
 
 
 if __name__ == "__main__":

@@ -123,9 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
                help="seconds to wait for a draft Scout's proposal before using prompt lookup for that step")
     add_option(serve, "--swarm-secret", default=None, help="private swarm: Scouts must prove they know this secret to join")
     add_option(serve, "--allow-peers", default="", help="private swarm: comma-separated Scout peer ids allowed to join (empty: any)")
+    add_option(serve, "--no-audits", action="store_true", default=False,
+               help="never check Scouts (no golden tickets, no audits of real traffic): for benchmarks and swarms of "
+                    "machines you own")
     add_option(serve, "--ticket-rate", default=0.03, type=float,
-               help="fraction of a Scout's forwards followed by a golden ticket (0: no auditing)")
-    add_option(serve, "--ticket-probation", default=3, type=int, help="a new Scout's first forwards each get a ticket")
+               help="fraction of a Scout's forwards followed by a golden ticket (0: none; quarantined Scouts then stay "
+                    "quarantined, having no way to earn trust back)")
+    add_option(serve, "--audit-probation", default=200, type=int,
+               help="checked forwards a Scout must pass after it connects (and after a quarantine) before the Oracle only "
+                    "samples its sessions; during them every session it starts is followed and checked before use")
+    add_option(serve, "--audit-floor", default=0.05, type=float,
+               help="least share of a trusted Scout's sessions the Oracle follows with its own blocks")
+    add_option(serve, "--audit-budget", default=0.08, type=float,
+               help="share of the Oracle's engine time that audits of real traffic may use above the floor")
+    add_option(serve, "--audit-reprobation", default=0.002, type=float,
+               help="chance per forward that a trusted Scout is put back on probation (50 checked forwards)")
     add_option(serve, "--ticket-idle-seconds", default=60.0, type=float, help="an idle Scout gets a ticket this often")
     add_option(serve, "--ticket-tolerance", default=0.05, type=float,
                help="largest relative L2 error of a Scout's output that passes (honest Scouts measured 0 to 0.012; docs/trust.md)")

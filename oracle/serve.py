@@ -39,10 +39,11 @@ from oracle.swarm.local_hop import LocalHop
 from oracle.swarm.local_scouts import LocalScouts
 from oracle.swarm.swarm import Swarm
 from oracle.trust.health import HealthPolicy, PeerHealth
-from oracle.trust.mirror import ProbationMirror
+from oracle.trust.audit_policy import AuditPolicy
 from oracle.trust.reference import ReferenceModel
 from oracle.trust.reputation import ReputationStore, TrustPolicy
 from oracle.trust.tickets import Auditor, TicketPolicy
+from oracle.trust.traffic import TrafficAudit
 from oracle.trust.verdicts import Verdicts
 from shard_common.identity import Identity
 from shard_common.main_thread import MainThreadExecutor, run_servers
@@ -97,26 +98,28 @@ def build_control(args: argparse.Namespace, identity: Identity, weights: ModelWe
 
 
 def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Tokenizer, manifest: Path, executor: Executor,
-                loop: asyncio.AbstractEventLoop, redis_url: str) -> Swarm:
+                loop: asyncio.AbstractEventLoop, redis_url: str, own_scouts: set[str]) -> Swarm:
     """Trust first (the one owner of every Scout's health, and the auditors that judge Scouts),
-    then the control plane and the swarm that uses both."""
+    then the control plane and the swarm that uses both. ``own_scouts``: the peer ids of the
+    Scouts this process starts itself (--local-scouts), which are not audited."""
     identity = Identity.load_or_create(Path(args.data_dir) / "identity.key")
     reputation = ReputationStore(async_client(redis_url), args.redis_prefix, TrustPolicy(
         window=args.trust_window, quarantine_failures=args.quarantine_failures, ban_failures=args.ban_failures,
         ban_seconds=args.ban_seconds))
-    auditing = args.ticket_rate > 0
-    health = PeerHealth(reputation, HealthPolicy(probation=args.ticket_probation if auditing else 0))
-    auditor = mirror = None
+    auditing = not args.no_audits
+    health = PeerHealth(reputation, HealthPolicy(probation=args.audit_probation if auditing else 0), own=own_scouts)
+    auditor = traffic = None
     if auditing:
         runtime = Runtime.pick(args.backend)
         reference = ReferenceModel(weights, runtime)
         verdicts = Verdicts(health, args.ticket_tolerance)
-        ends = ModelEnds(weights, runtime)
-        prompts = [ends.embed(tokenizer.encode_chat([{"role": "user", "content": q}])) for q in TICKET_PROMPTS]
-        auditor = Auditor(reference, executor, verdicts, args.wire_dtype,
-                          TicketPolicy(rate=args.ticket_rate, probation=args.ticket_probation,
-                                       idle_seconds=args.ticket_idle_seconds), prompts)
-        mirror = ProbationMirror(reference, verdicts, args.wire_dtype)
+        if args.ticket_rate > 0:
+            ends = ModelEnds(weights, runtime)
+            prompts = [ends.embed(tokenizer.encode_chat([{"role": "user", "content": q}])) for q in TICKET_PROMPTS]
+            auditor = Auditor(reference, executor, verdicts, args.wire_dtype,
+                              TicketPolicy(rate=args.ticket_rate, idle_seconds=args.ticket_idle_seconds), prompts)
+        traffic = TrafficAudit(reference, verdicts, args.wire_dtype, AuditPolicy(
+            probation=args.audit_probation, floor=args.audit_floor, budget=args.audit_budget, reprobation=args.audit_reprobation))
     fill = None
     if args.fallback_local:
         runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
@@ -130,7 +133,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
                                   args.data_port, health, args.hop_timeout)
         control = build_control(args, identity, weights, manifest, health, listener)
     return Swarm(identity, weights.config.n_layers, loop, health, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
-                 weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout, auditor, mirror,
+                 weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout, auditor, traffic,
                  piggyback=not args.eager_cache_ops, listener=listener)
 
 
@@ -152,7 +155,16 @@ def serve(args: argparse.Namespace) -> int:
                                   Path(args.data_dir) / "shards")
         loop = asyncio.new_event_loop()
         executor = MainThreadExecutor()
-        swarm = build_swarm(args, weights, tokenizer, manifest, executor, loop, redis_url) if wants_swarm(args) else None
+        if args.local_scouts or args.local_draft_scouts:
+            # Hops run one after another, so the Scouts share this machine's cores between them:
+            # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
+            threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
+            extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest)]
+            if args.swarm_secret:  # handed down in the environment, not on a command line others can read
+                os.environ["SHARD_SWARM_SECRET"] = args.swarm_secret
+            local_scouts = LocalScouts(args.local_scouts, args.local_draft_scouts, Path(args.data_dir) / "local-scouts", extra)
+        swarm = build_swarm(args, weights, tokenizer, manifest, executor, loop, redis_url,
+                            local_scouts.peer_ids if local_scouts else set()) if wants_swarm(args) else None
         if swarm is not None:
             pipeline, drafters = swarm.pipeline, {"scout": swarm.drafter}
         else:
@@ -179,25 +191,23 @@ def serve(args: argparse.Namespace) -> int:
         app = create_app(state, max_body_bytes=int(args.max_body_mb * (1 << 20)), shard_dir=manifest.parent,
                          public_metrics=args.public_metrics)
 
+        marker: list[storage.TaintMarker] = []
+
         async def connect_storage(_: web.Application) -> None:
             await storage.connect(state, args, redis_url)
+            if swarm is not None and swarm.taint is not None and state.completions is not None:
+                marker.append(storage.TaintMarker(swarm.taint, state.completions))
+                marker[0].start()
 
         async def close_storage(_: web.Application) -> None:
+            for m in marker:
+                await m.close()
             for store in (state.completions, state.responses):
                 if store is not None:
                     await store.close()
 
         app.on_startup.append(connect_storage)
         app.on_cleanup.append(close_storage)
-        if args.local_scouts or args.local_draft_scouts:
-            # Hops run one after another, so the Scouts share this machine's cores between them:
-            # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
-            threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
-            extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest)]
-            if args.swarm_secret:  # handed down in the environment, not on a command line others can read
-                os.environ["SHARD_SWARM_SECRET"] = args.swarm_secret
-            local_scouts = LocalScouts(args.local_scouts, args.local_draft_scouts, Path(args.data_dir) / "local-scouts", extra)
-
         async def start_scouts() -> None:
             """Local Scouts start once the HTTP port is bound (a Scout could take it otherwise)."""
             if local_scouts is not None:

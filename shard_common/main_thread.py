@@ -60,11 +60,21 @@ def wait_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, object
     ``run_coroutine_threadsafe(...).result()`` this never waits on a loop that has stopped: a
     coroutine scheduled on a loop that stops before running it would leave the caller (the
     main thread, which the stop itself waits for) waiting forever."""
+    return wait_for_future(loop, start_on_loop(loop, coro), poll_seconds)
+
+
+def start_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[object, object, T]) -> Future:
+    """Start ``coro`` on ``loop`` and return at once (this thread works meanwhile; then
+    ``wait_for_future``)."""
     try:
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        return asyncio.run_coroutine_threadsafe(coro, loop)
     except RuntimeError:  # the loop is closed
         coro.close()
         raise LoopStopped("the event loop has stopped") from None
+
+
+def wait_for_future(loop: asyncio.AbstractEventLoop, future: Future, poll_seconds: float = 0.25):
+    """The result of ``future`` (started by ``start_on_loop``), unless ``loop`` stops first."""
     while True:
         try:
             return future.result(timeout=poll_seconds)

@@ -97,7 +97,7 @@ class StateCollector:
                        {str(b): n for b, n in enumerate(status["coverage"])})
         yield gauge("shard_failovers", "Hops replaced after a Scout failed", status["failovers"])
         tickets = status.get("tickets") or {}
-        yield labelled("shard_golden_tickets", "Golden tickets and probation checks by result", "result",
+        yield labelled("shard_golden_tickets", "Checks of Scouts (golden tickets and real traffic) by result", "result",
                        {"passed": tickets.get("passed", 0), "failed": tickets.get("failed", 0)})
 
 

@@ -132,7 +132,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await stream_chat(request, state, job, seqs, answer, req, reserved)
     await run_to_end(job, request, state.scheduler, state.metrics)
     body = answer.completion(seqs)
-    await finish_chat(request, req, body, reserved)
+    await finish_chat(request, req, body, reserved, seqs)
     return web.json_response(text=body.model_dump_json())
 
 
@@ -192,8 +192,11 @@ async def reserve_tokens(request: web.Request, tokens: int) -> int:
     return tokens
 
 
-async def finish_chat(request: web.Request, req: ChatCompletionRequest, body: ChatCompletion, reserved: int) -> None:
-    """Settle the token reservation and store the completion (unless store=false or disabled)."""
+async def finish_chat(request: web.Request, req: ChatCompletionRequest, body: ChatCompletion, reserved: int,
+                      seqs: list[Sequence]) -> None:
+    """Settle the token reservation and store the completion (unless store=false or disabled),
+    marked if a Scout that computed it has since failed a check (and labelled, so a later failure
+    marks it)."""
     state = request.app[STATE]
     key = request["key"]
     await settle_tokens(request, reserved, body.usage.total_tokens)
@@ -204,6 +207,9 @@ async def finish_chat(request: web.Request, req: ChatCompletionRequest, body: Ch
         "id": body.id, "owner": key.id, "created_ms": int(time.time() * 1000), "completion": body.model_dump(),
         "messages": [m.model_dump(exclude_none=True) for m in req.messages], "metadata": req.metadata or {},
     }
+    taint = state.swarm.taint if state.swarm is not None else None
+    if taint is not None and (marks := taint.label([s.session for s in seqs], body.id)):
+        record["tainted_by"] = marks
     await state.completions.save(record)
 
 
@@ -274,7 +280,7 @@ async def stream_chat(request, state: OracleState, job, seqs, answer: ChatAnswer
 
     async def after(response):
         # Stored before [DONE], so a client that retrieves it right after the stream finds it.
-        await finish_chat(request, req, answer.completion(seqs), reserved)
+        await finish_chat(request, req, answer.completion(seqs), reserved, seqs)
         if req.stream_options and req.stream_options.include_usage:
             await sse(response, answer.chunk([], usage_of(answer.prompt_len, seqs)))
 
@@ -458,7 +464,7 @@ def not_found(ident: str) -> APIError:
 
 
 def stored_view(record: dict) -> StoredCompletion:
-    return StoredCompletion(**record["completion"], metadata=record.get("metadata", {}))
+    return StoredCompletion(**record["completion"], metadata=record.get("metadata", {}), tainted_by=record.get("tainted_by"))
 
 
 def page_params(request: web.Request) -> tuple[int, str | None, str]:

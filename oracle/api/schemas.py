@@ -403,8 +403,17 @@ class Health(Schema):
 # Stored completions
 
 
+class TaintMark(Schema):
+    """A Scout that computed part of this answer later failed a check (docs/trust.md)."""
+
+    peer_id: str
+    reason: str
+    time: float  # unix time of the failure
+
+
 class StoredCompletion(ChatCompletion):
     metadata: dict[str, str] = Field(default_factory=dict)
+    tainted_by: list[TaintMark] | None = None  # Shard: Scouts that computed it and later failed a check
 
 
 class CursorPage(Schema):
@@ -461,7 +470,9 @@ class ScoutStatus(Schema):
     reputation: str | None = None  # active / quarantined / banned, from golden tickets
     cooldown_s: float | None = None  # it stopped answering: seconds until it is tried again
     reachable: bool | None = None
-    probation_left: int | None = None  # forwards still to be mirrored by the Oracle before use
+    probation_left: int | None = None  # forwards still to be checked by the Oracle before it samples them
+    clean_checks: int | None = None  # checks it passed (tickets and checked forwards)
+    tainted_sessions: int | None = None  # sessions it served unverified before it failed a check
     role: Literal["span", "draft"] = "span"  # draft: proposes tokens for speculative decoding
     refused: str | None = None  # why the Oracle will not use it
     sessions: int = 0  # sessions the Oracle routes through it
@@ -516,8 +527,17 @@ class ScoutReputationDeleted(Schema):
     deleted: bool
 
 
+class ScoutTaint(Schema):
+    reason: str
+    time: float
+    sessions: list[str]  # sessions it served unverified before it failed (the newest ones)
+    unlisted: int  # older such sessions not listed
+    completions: list[str]  # stored completions among them (marked with tainted_by)
+
+
 class ScoutReputationDetail(ScoutReputation):
-    evidence: list[dict]  # failed tickets, newest first: input hash, expected vs received summary
+    evidence: list[dict]  # failed checks, newest first: input hash, expected vs received summary
+    tainted: ScoutTaint | None = None  # what it may have spoiled, since this Oracle started
 
 
 class SpeculationStatus(Schema):
@@ -554,6 +574,7 @@ class ClusterStatus(Schema):
     data_plane: DataPlaneStatus | None = None
     round_trips_per_token: float | None = None  # data-plane round trips per generated token, since start
     tickets: dict | None = None  # golden tickets: passed, failed, rate, tolerance, honest error p50/max
+    audits: dict | None = None  # real traffic: sessions followed, recomputed, audit share, policy, taints
     sessions: int
     running_sequences: int
     waiting_requests: int

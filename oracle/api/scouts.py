@@ -52,7 +52,9 @@ async def _one(request: web.Request) -> tuple[object, object, str, dict]:
 
 async def get_scout(request: web.Request) -> web.Response:
     _, store, peer, record = await _one(request)
-    body = ScoutReputationDetail(**view(record).model_dump(), evidence=await store.evidence(peer))
+    taint = request.app[STATE].swarm.taint
+    body = ScoutReputationDetail(**view(record).model_dump(), evidence=await store.evidence(peer),
+                                 tainted=taint.report(peer) if taint is not None else None)
     return web.json_response(text=body.model_dump_json())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from oracle.store.completions import CompletionStore
 from oracle.store.keys import KeyStore
 from oracle.store.ratelimit import RateLimiter
 from oracle.store.redis_server import async_client
+from oracle.trust.taint import TaintLedger
 from shard_common.settings import add_option
 
 from .auth import Authenticator, RateLimits
@@ -73,3 +75,35 @@ async def connect(state: OracleState, args: argparse.Namespace, redis_url: str) 
         state.completions.start_flusher()
         state.responses = CompletionStore(client, args.redis_prefix, ttl, journal=Path(args.data_dir) / "pending-responses.jsonl", kind="resp")
         state.responses.start_flusher()
+
+
+class TaintMarker:
+    """Marks stored completions that a Scout which later failed a check had computed (the trust
+    package names them; this writes the marks, retrying while Redis is away)."""
+
+    def __init__(self, taint: TaintLedger, store: CompletionStore, interval_seconds: float = 1.0):
+        self.taint = taint
+        self.store = store
+        self.interval = interval_seconds
+        self._waiting: list[tuple[str, dict]] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self._waiting += self.taint.take_marks()
+            while self._waiting:
+                ident, mark = self._waiting[0]
+                try:
+                    await self.store.mark_tainted(ident, mark)
+                except (RedisError, OSError) as e:
+                    log.warning("could not mark completion %s as tainted yet (Redis: %s)", ident, e)
+                    break
+                self._waiting.pop(0)

@@ -163,6 +163,25 @@ class CompletionStore:
         await self.redis.set(self._key(ident), json.dumps(record), ex=ttl if ttl and ttl > 0 else self.ttl)
         return record
 
+    async def mark_tainted(self, ident: str, mark: dict) -> bool:
+        """Add ``mark`` (a Scout that computed it failed a check) to a stored object's
+        ``tainted_by``; False when it is not stored (any more)."""
+        if ident in self.pending.items:
+            record = self.pending.items[ident]
+        else:
+            raw = await self.redis.get(self._key(ident))
+            if raw is None:
+                return False
+            record = json.loads(raw)
+        marks = record.setdefault("tainted_by", [])
+        if any(m["peer_id"] == mark["peer_id"] for m in marks):
+            return True
+        marks.append(mark)
+        if ident not in self.pending.items:
+            ttl = await self.redis.ttl(self._key(ident))
+            await self.redis.set(self._key(ident), json.dumps(record), ex=ttl if ttl and ttl > 0 else self.ttl)
+        return True
+
     async def delete(self, ident: str, owner: str | None) -> bool:
         record = await self.get(ident, owner)
         if record is None:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from shard_common.identity import Identity
 from shard_common.processes import stop_process
 
 from .connection import ScoutAddress
@@ -84,6 +85,9 @@ class LocalScouts:
     def __init__(self, count: int, drafts: int, data_dir: Path, extra: list[str]):
         self.count, self.drafts = count, drafts
         self.data_dir = data_dir
+        # Their identities, made now so the Oracle knows its own Scouts before they connect.
+        self.peer_ids = {Identity.load_or_create(data_dir / name / "identity.key").peer_id
+                         for name in [*(f"scout-{i}" for i in range(count)), *(f"draft-{i}" for i in range(drafts))]}
         self.extra = extra
         self.scouts: list[LocalScout] = []
         self.restarts = 0

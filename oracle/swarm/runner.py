@@ -4,15 +4,16 @@ that owns the connections.
 
 - Routes: a session gets its chain of hops when it starts, chosen by router.py over the hops
   ``PeerHealth`` calls usable; a batched step groups its sessions by route.
-- Failover: when a hop fails (or may no longer be used: quarantined, failed its probation check),
+- Failover: when a hop fails (or may no longer be used: quarantined, failed a check of its output),
   every session routed through it gets a replacement for that hop's blocks (a replica, a Scout
   that took the blocks over, or the Oracle's own blocks with ``fill``), and its caches there are
   rebuilt from history.py before its next step. With no replacement yet, the step waits up to
   ``reroute_seconds`` for one (a Scout taking the blocks over). The client sees a pause.
 - Fewer round trips: rollbacks (rejected drafts), forks and frees wait for the hop's next
   forward and ride on it; a hop left with no session gets its pending operations at once.
-- Probation: a forward of a Scout on probation is checked by the trust package's mirror before its
-  output is used; the auditor hears of every forward (golden tickets follow some).
+- Audits: every Scout forward goes past the trust package's traffic audit, which checks the
+  sessions it follows (and suspicious outputs) before the output is used, computing its side
+  while the Scout computes; the ticket auditor hears of every forward (golden tickets follow some).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Callable
 import torch
 
 from oracle.trust.health import PeerHealth
-from oracle.trust.mirror import ProbationMirror
 from oracle.trust.tickets import Auditor
-from shard_common.main_thread import wait_on_loop
+from oracle.trust.traffic import TrafficAudit
+from shard_common.main_thread import start_on_loop, wait_for_future, wait_on_loop
 from shard_common.model.span import SpanRequest
 from shard_common.protocol import CacheOp
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 class SwarmPipeline:
     def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop | None,
                  health: PeerHealth, wire_dtype: str = "float32", fill: LocalFactory | None = None,
-                 reroute_seconds: float = 20.0, auditor: Auditor | None = None, mirror: ProbationMirror | None = None,
+                 reroute_seconds: float = 20.0, auditor: Auditor | None = None, traffic: TrafficAudit | None = None,
                  piggyback: bool = True):
         self.hops = hops  # the hops that serve spans now (Scout connections)
         self.n_layers = n_layers
@@ -55,7 +56,7 @@ class SwarmPipeline:
         self.fill = fill
         self.reroute_seconds = reroute_seconds
         self.auditor = auditor
-        self.mirror = mirror
+        self.traffic = traffic
         self.piggyback = piggyback  # False: every cache operation costs its own round trip (benchmarks)
         self.routes: dict[str, list] = {}
         self.history = SessionHistory()
@@ -206,13 +207,12 @@ class SwarmPipeline:
                 for r in requests:
                     if (r.session, hop) in self.stale:
                         self._replay(r, i)
-                out = self._call(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
-                if not hop.local:
-                    if self.mirror is not None and self.health.probation_left(hop.peer_id) > 0 and \
-                            not self.mirror.check(hop.peer_id, hop.span, x, out, requests):
-                        raise ScoutUnreachable(f"Scout {hop.peer_id} failed its probation check")
-                    if self.auditor is not None:
-                        self.auditor.observe(hop, prompt)
+                if hop.local or self.traffic is None:
+                    out = self._call(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
+                else:
+                    out = self._audited_forward(hop, x, requests)
+                if not hop.local and self.auditor is not None:
+                    self.auditor.observe(hop, prompt)
                 x = out
                 i += 1
                 inputs.append(x)
@@ -222,6 +222,17 @@ class SwarmPipeline:
                 _, i = self._reroute(hop)[route]
                 inputs, x = inputs[:i + 1], inputs[i]
         return x
+
+    def _audited_forward(self, hop, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        """``hop``'s output for ``x``, once the traffic audit lets it through; the Oracle's side of
+        the check runs here while the Scout computes."""
+        self.round_trips += 1
+        running = start_on_loop(self.loop, hop.forward(x, requests, self.wire_dtype, self.pending.pop(hop, [])))
+        plan = self.traffic.expect(hop.peer_id, hop.span, x, requests)
+        out = wait_for_future(self.loop, running)
+        if not self.traffic.judge(plan, x, out, requests, self.history.replay):
+            raise ScoutUnreachable(f"Scout {hop.peer_id} failed a check of its output")
+        return out
 
     def _replay(self, r: SpanRequest, i: int) -> None:
         """Rebuild ``r.session``'s cache on hop ``i`` of its route, chunk by chunk as first fed;
@@ -275,20 +286,22 @@ class SwarmPipeline:
                 self._flush(hop)
 
     def rollback(self, session: str, length: int) -> None:
-        if self.mirror is not None:
-            self.mirror.forget(session, length)
+        if self.traffic is not None:
+            self.traffic.rollback(session, length)
         self.history.rollback(session, length)
         self._queue(session, CacheOp(op="rollback", session=session, length=length))
 
     def fork(self, source: str, target: str) -> None:
+        if self.traffic is not None:
+            self.traffic.fork(source, target)
         self.history.fork(source, target)
         if source in self.routes:
             self.routes[target] = list(self.routes[source])
         self._queue(source, CacheOp(op="fork", session=source, target=target), also=target)
 
     def free(self, session: str) -> None:
-        if self.mirror is not None:
-            self.mirror.forget(session)
+        if self.traffic is not None:
+            self.traffic.free(session)
         self.history.free(session)
         route = self.routes.get(session, [])
         self._queue(session, CacheOp(op="close", session=session))

@@ -17,7 +17,7 @@ import logging
 import time
 
 from oracle.trust.health import PeerHealth
-from oracle.trust.mirror import ProbationMirror
+from oracle.trust.traffic import TrafficAudit
 from oracle.trust.tickets import Auditor
 from shard_common.identity import Identity
 
@@ -40,7 +40,7 @@ class Swarm:
                  addresses: list[ScoutAddress] | None = None, control: OracleControl | None = None, wire_dtype: str = "float32",
                  fill: LocalFactory | None = None, vocab_size: int = 0, vocab_digest: str | None = None,
                  draft_deadline_seconds: float = 2.0, hop_timeout_seconds: float = 20.0, auditor: Auditor | None = None,
-                 mirror: ProbationMirror | None = None, piggyback: bool = True, reroute_seconds: float = 20.0,
+                 traffic: TrafficAudit | None = None, piggyback: bool = True, reroute_seconds: float = 20.0,
                  listener: DialInListener | None = None):
         self.identity = identity
         self.n_layers = n_layers
@@ -48,6 +48,8 @@ class Swarm:
         self.hop_timeout_seconds = hop_timeout_seconds
         self.vocab_digest = vocab_digest
         self.auditor = auditor
+        self.traffic = traffic
+        self.taint = traffic.taint if traffic is not None else None  # what failed Scouts may have spoiled
         self.addresses = list(addresses or [])
         self.control = control
         self.wire_dtype = wire_dtype
@@ -59,7 +61,7 @@ class Swarm:
         self.dial_in: dict[str, str] = {}  # peer id → why it must open the connection itself
         # The engine's Pipeline and drafter: built now, usable once connect() has run on ``loop``.
         self.pipeline = SwarmPipeline(self._live, n_layers, loop, health, wire_dtype, fill, reroute_seconds,
-                                      auditor=auditor, mirror=mirror, piggyback=piggyback)
+                                      auditor=auditor, traffic=traffic, piggyback=piggyback)
         self.drafter = ScoutDrafter(self.draft_scouts, loop, vocab_size, draft_deadline_seconds)
         self.problem = "connecting to the Scouts"
         self._task: asyncio.Task | None = None
@@ -227,6 +229,7 @@ class Swarm:
             preferred = []
         registry = self.control.status() if self.control else {}
         scouts, seen = [], set()
+        tainted = self.taint.status() if self.taint is not None else {}
         for c in self.connections:
             if c.dead and c.peer_id in seen:
                 continue
@@ -242,7 +245,8 @@ class Swarm:
                            "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,
                            "forwards": c.forwards,
                            "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
-                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **health, **info})
+                           "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **health, **info,
+                           "tainted_sessions": tainted.get(c.peer_id, {}).get("sessions")})
         for peer, info in registry.items():
             if peer not in seen:  # announced but not (yet) serving: idle, loading, or dead
                 state = "dead" if info["announced_state"] == "dead" else "refused" if info["refused"] else "joining"
@@ -264,6 +268,7 @@ class Swarm:
             "scouts": scouts,
             "failovers": pipeline.failovers,
             "data_plane": pipeline.status(),
-            "tickets": self.auditor.status() if self.auditor else None,
+            "tickets": self.auditor.status() if self.auditor else self.traffic.verdicts.status() if self.traffic else None,
+            "audits": self.traffic.status() if self.traffic else None,
             "sessions": len(pipeline.routes),
         }

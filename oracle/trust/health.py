@@ -9,7 +9,8 @@ mirrored). The states:
 - reachable: a connection is open and answering;
 - cooling down: it stopped answering (rather than closing); each retry would cost a session's
   step a whole hop timeout, so it is left alone for a while, doubling while it keeps timing out;
-- on probation: the first forwards after each connection are checked before they are used;
+- on probation: every session it starts is followed, each forward checked before it is used, for
+  its first forwards after each connection, after a quarantine ends, and at random moments;
 - quarantined: it failed a check; no client traffic, only more tickets, until it earns trust back;
 - banned: refused on both planes until the ban expires (or an operator lifts it).
 
@@ -53,7 +54,7 @@ class Outcome(enum.Enum):
 @dataclass
 class HealthPolicy:
     cooldown_seconds: tuple[float, float] = (10.0, 300.0)  # first pause, longest pause
-    probation: int = 0  # forwards mirrored after each connection (0: none; set when auditing)
+    probation: int = 0  # checked forwards after each connection (0: none; set when auditing)
 
 
 @dataclass
@@ -64,12 +65,15 @@ class PeerState:
     cooldown_until: float = 0.0  # monotonic
     cooldown_length: float = 0.0
     probation: int = 0
+    clean_checks: int = 0  # checks passed (tickets and checked forwards) since this Oracle first saw it
 
 
 class PeerHealth:
-    def __init__(self, reputation: ReputationStore | None = None, policy: HealthPolicy | None = None):
+    def __init__(self, reputation: ReputationStore | None = None, policy: HealthPolicy | None = None,
+                 own: set[str] | None = None):
         self.reputation = reputation
         self.policy = policy or HealthPolicy()
+        self.own = frozenset(own or ())  # Scouts this Oracle started itself: its own code on its own machine, never audited
         self._peers: dict[str, PeerState] = {}
         self._lock = threading.Lock()  # verdicts come from the engine's thread too (probation mirrors)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,15 +133,22 @@ class PeerHealth:
             return "banned for failing golden tickets (an operator can unban it: POST /v1/scouts/{peer_id}/unban)"
         return None
 
+    def audited(self, peer: str) -> bool:
+        return peer not in self.own
+
     def probation_left(self, peer: str) -> int:
         state = self._peers.get(peer)
-        return state.probation if state else 0
+        return state.probation if state and peer not in self.own else 0
+
+    def clean_checks(self, peer: str) -> int:
+        state = self._peers.get(peer)
+        return state.clean_checks if state else 0
 
     def status(self, peer: str) -> dict:
         state = self._peers.get(peer, PeerState())
         cooling = self.cooling_down(peer)
         return {"reputation": self.trust(peer), "reachable": state.reachable, "probation_left": state.probation,
-                "cooldown_s": round(cooling, 1) if cooling else None}
+                "clean_checks": state.clean_checks, "cooldown_s": round(cooling, 1) if cooling else None}
 
     # ---- what happened --------------------------------------------------------------------------
 
@@ -161,12 +172,20 @@ class PeerHealth:
                 log.warning("Scout %s stopped answering; not using it for %.0f s", peer, state.cooldown_length)
             if outcome in (Outcome.MIRROR_PASSED, Outcome.MIRROR_FAILED):
                 state.probation = max(0, state.probation - 1)
+            if outcome.verdict:
+                state.clean_checks += 1
             if outcome.verdict is False and self.trust(peer) == "active":
                 # At once, before Redis answers: a failed check must not wait for a round trip.
                 state.trust = "quarantined"
                 log.warning("Scout %s is quarantined: its sessions move to other Scouts", peer)
         if outcome.verdict is not None and self.reputation is not None and self._loop is not None:
             self._submit(self._remember(peer, outcome.verdict, evidence))
+
+    def start_probation(self, peer: str, forwards: int) -> None:
+        """Check its next ``forwards`` forwards (a random re-probation of a trusted Scout)."""
+        with self._lock:
+            state = self._peer(peer)
+            state.probation = max(state.probation, forwards)
 
     def set_trust(self, peer: str, trust: str) -> None:
         """An operator's decision, already written to Redis (unban, reset)."""
@@ -197,5 +216,7 @@ class PeerHealth:
             before = self.trust(peer)
             state.trust, state.ban_until = trust, ban_until
             after = self.trust(peer)
+            if after == "active" and before != "active":  # trusted again: checked from the start again
+                state.probation = max(state.probation, self.policy.probation)
         if after != before:
             log.warning("Scout %s is %s%s", peer, after, ": its sessions move to other Scouts" if after != "active" else " again")

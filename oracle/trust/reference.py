@@ -1,5 +1,5 @@
 """The Oracle's own copy of the blocks, used to check Scouts: golden tickets' right answers, and
-mirrors of Scouts on probation. Used on the engine's thread only (tensor work stays there)."""
+the sessions it follows to check real traffic. Used on the engine's thread only (tensor work stays there)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ before the Scout's span by the Oracle's own copy of the model), sent on the same
 between real requests. The Oracle computes the span's output for the same input off the hot path
 (one worker thread) and compares: a relative L2 error above the tolerance fails the ticket.
 
-When: after a ``rate`` fraction of a Scout's forwards (a Scout's first ``probation`` forwards are
-instead mirrored, see mirror.py); an idle Scout gets one every ``idle_seconds``, a quarantined one
+When: after a ``rate`` fraction of a Scout's forwards (its real traffic is audited as well, see
+traffic.py); an idle Scout gets one every ``idle_seconds``, a quarantined one
 every ``quarantined_seconds`` (it gets no traffic but keeps being judged). Verdicts go to
 ``PeerHealth`` through ``Verdicts``; the swarm asks ``PeerHealth`` before it uses a Scout.
 """
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class TicketPolicy:
     rate: float = 0.03  # fraction of a Scout's forwards followed by a ticket
-    probation: int = 3  # a new Scout's first forwards are mirrored: checked by the Oracle before use
     idle_seconds: float = 60.0
     quarantined_seconds: float = 2.0
     max_tokens: int = 48  # ticket prompt length (a prefix of a real prompt)
@@ -80,7 +79,7 @@ class Auditor:
         material for future tickets); maybe follow it with a ticket."""
         if prompt_rows is not None and len(prompt_rows) > 1:
             self.samples = (self.samples + [prompt_rows[: self.policy.max_tokens].float()])[-16:]
-        if self._random.random() < self.policy.rate:
+        if self.health.audited(scout.address.peer_id) and self._random.random() < self.policy.rate:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, scout)
 
     # ---- on the event loop --------------------------------------------------------------------
@@ -108,7 +107,7 @@ class Auditor:
         """The Scout longest without a ticket, if that is longer than it should be (idle ones
         every ``idle_seconds``, quarantined ones every ``quarantined_seconds``)."""
         now = time.monotonic()
-        due = [s for s in self.scouts() if now - self.last_ticket.get(s.address.peer_id, 0.0) >=
+        due = [s for s in self.scouts() if self.health.audited(s.address.peer_id) and now - self.last_ticket.get(s.address.peer_id, 0.0) >=
                (self.policy.quarantined_seconds if self.health.trust(s.address.peer_id) != "active" else self.policy.idle_seconds)]
         return min(due, key=lambda s: self.last_ticket.get(s.address.peer_id, 0.0), default=None)
 

@@ -116,7 +116,7 @@ def test_scouts_that_never_answer_or_answer_too_late_are_timed_out_and_routed_ar
         hung, slow, good = made
         # Listed first, the broken Scouts win the routing ties: the first request meets both.
         oracle = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in made), "--hop-timeout", "2",
-                               "--ticket-rate", "0")
+                               "--no-audits")
         try:
             question = dict(model=model_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
                             temperature=0, max_tokens=12)

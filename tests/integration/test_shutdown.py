@@ -33,7 +33,7 @@ def test_sigterm_stops_an_oracle_waiting_on_a_scout_that_froze(tmp_path_factory,
     event loop after the loop has stopped."""
     scout = LocalScout((0, 30), tmp_path_factory.mktemp("frozen"), ["--threads", "1"])
     try:
-        oracle = OracleProcess(tmp_path, "--scouts", str(scout.address), "--hop-timeout", "300", "--ticket-rate", "0")
+        oracle = OracleProcess(tmp_path, "--scouts", str(scout.address), "--hop-timeout", "300", "--no-audits")
         try:
             stream = client(oracle.url, ADMIN_KEY).chat.completions.create(
                 model=model_id, messages=[{"role": "user", "content": "Count to one thousand."}], max_tokens=2000,

@@ -58,6 +58,37 @@ def test_probation_counts_mirrored_forwards_from_each_connection():
     assert health.probation_left("s") == 2
 
 
+def test_clean_checks_count_and_probation_returns_at_random_and_after_a_quarantine():
+    async def main():
+        reputation = FakeReputation()
+        health = PeerHealth(reputation, HealthPolicy(probation=3))
+        await health.start()
+        health.record("s", Outcome.CONNECTED)
+        for _ in range(3):
+            health.record("s", Outcome.MIRROR_PASSED)
+        health.record("s", Outcome.TICKET_PASSED)
+        assert health.probation_left("s") == 0 and health.clean_checks("s") == 4
+        health.start_probation("s", 2)  # a random re-probation
+        assert health.probation_left("s") == 2 and health.status("s")["clean_checks"] == 4
+        health.record("s", Outcome.MIRROR_FAILED)
+        await health.drain()
+        assert health.trust("s") == "quarantined"
+        reputation.failures["s"] = 0  # clean tickets ended the quarantine in Redis
+        health.record("s", Outcome.TICKET_PASSED)
+        await health.drain()
+        assert health.trust("s") == "active" and health.probation_left("s") == 3  # checked from the start again
+
+    asyncio.run(main())
+
+
+def test_the_oracles_own_scouts_are_not_audited():
+    health = PeerHealth(policy=HealthPolicy(probation=5), own={"mine"})
+    for peer in ("mine", "stranger"):
+        health.record(peer, Outcome.CONNECTED)
+    assert not health.audited("mine") and health.probation_left("mine") == 0
+    assert health.audited("stranger") and health.probation_left("stranger") == 5
+
+
 def test_a_failed_check_quarantines_at_once_and_redis_has_the_last_word():
     async def main():
         reputation = FakeReputation()

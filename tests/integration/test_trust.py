@@ -1,4 +1,4 @@
-"""Untrusted Scouts with real processes: probation mirrors and golden tickets catch Scouts that
+"""Untrusted Scouts with real processes: audits of real traffic and golden tickets catch Scouts that
 lie, quarantine and ban them, keep clients' answers right, and leave honest Scouts alone; the
 reputation lives in Redis and survives an Oracle restart; a private swarm keeps strangers out."""
 
@@ -43,7 +43,7 @@ def swarm(tmp_path_factory):
 
 def test_a_scout_lying_from_the_start_never_reaches_a_client(swarm, server, model_id):
     """The liar joins first and gets blocks 0..15; every answer is still right (its forwards are
-    mirrored on probation: the first wrong one quarantines it and the Oracle computes its blocks)."""
+    checked on probation: the first wrong one quarantines it and the Oracle computes its blocks)."""
     liar = join(swarm, "liar", "--inject-faults", "corrupt=1")
     swarm.oracle.wait_for("the liar serving", lambda st: (s := swarm.scout("liar", st)) and s["state"] in ("active", "spare", "quarantined"))
     join(swarm, "honest-b")
@@ -54,7 +54,7 @@ def test_a_scout_lying_from_the_start_never_reaches_a_client(swarm, server, mode
     assert swarm.scout("liar", status)["requests"] <= 10
     assert status["tickets"]["failed"] >= 1
     log = open(swarm.oracle.log_path).read()
-    assert "failed its probation check" in log or "failed a golden ticket" in log
+    assert "failed a check of its output" in log or "failed a golden ticket" in log
     detail = admin(swarm, "GET", f"/v1/scouts/{liar.address.peer_id}").json()
     assert detail["failed"] >= 1 and detail["evidence"][0]["relative_error"] > 0.05
     signed = [e["reply"] for e in detail["evidence"] if e.get("reply")]

@@ -28,19 +28,25 @@ def render(status: dict, console: Console) -> None:
     console.print(f"running {status['running_sequences']} · waiting {status['waiting_requests']} · sessions {status['sessions']} · "
                   f"failovers {status['failovers']} · tokens generated {status['tokens_generated']} · "
                   f"round trips/token {status.get('round_trips_per_token') or '–'} · "
-                  f"speculative acceptance {spec.get('acceptance_rate')} · tickets {tickets.get('passed', 0)} ok / "
+                  f"speculative acceptance {spec.get('acceptance_rate')} · checks {tickets.get('passed', 0)} ok / "
                   f"{tickets.get('failed', 0)} failed")
+    if audits := status.get("audits"):
+        console.print(f"audits of real traffic: {audits['sessions_followed']} of {audits['sessions_started']} sessions followed · "
+                      f"{audits['recomputed']} recomputed · {100 * audits['audit_share']:.1f}% of engine time · "
+                      f"tainted sessions {sum(t['sessions'] for t in audits['tainted'].values())}")
     strip = Text("coverage ")
     for n in status["coverage"]:
         strip.append(str(min(n, 9)), style=COVERAGE_STYLE.get(min(n, 2)))
     console.print(strip)
     table = Table(title="Scouts")
-    for column in ("peer", "role", "blocks", "state", "reached", "reputation", "latency ms", "throughput", "load", "sessions", "free KV MB"):
+    for column in ("peer", "role", "blocks", "state", "reached", "reputation", "probation", "latency ms", "throughput", "load",
+                   "sessions", "free KV MB"):
         table.add_column(column)
     for s in status["scouts"]:
         free = s.get("free_kv_bytes")
         table.add_row(s["peer_id"][-10:], s.get("role") or "span", f"{s['span'][0]}–{s['span'][1]}" if s.get("span") else "–",
-                      s["state"], s.get("reached") or "–", str(s.get("reputation") or "–"), str(s.get("latency_ms") or "–"), str(s.get("throughput") or "–"),
+                      s["state"], s.get("reached") or "–", str(s.get("reputation") or "–"), str(s.get("probation_left") or "–"),
+                      str(s.get("latency_ms") or "–"), str(s.get("throughput") or "–"),
                       str(s.get("load") if s.get("load") is not None else "–"), str(s.get("sessions", 0)),
                       f"{free / 1048576:.0f}" if free is not None else "–")
     console.print(table)

@@ -81,6 +81,7 @@ def test_status_command_prints_the_picture(swarm):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "coverage 111111111111111111111111111111" in out.stdout
+    assert "audits of real traffic: 0 of 0 sessions followed" in out.stdout  # its own local Scouts are not audited
     for s in swarm.status()["scouts"]:
         assert s["peer_id"][-10:] in out.stdout
     bad = subprocess.run([sys.executable, "-m", "oracle.cli", "status", "--url", swarm.url, "--key", "sk-oracle-" + "z" * 40],

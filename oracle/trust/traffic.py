@@ -63,7 +63,6 @@ class AuditClock:
 class Expectation:
     peer: str
     span: tuple[int, int]
-    checked: list[int]  # indices of the requests whose output is known
     expected: dict[int, torch.Tensor]  # request index → the right output (as it should arrive)
 
 
@@ -89,7 +88,7 @@ class TrafficAudit:
         """Before ``peer`` answers: decide whether sessions starting now are followed, and compute
         the right output of every followed one."""
         if not self.health.audited(peer):
-            return Expectation(peer, span, [], {})
+            return Expectation(peer, span, {})
         t0 = time.monotonic()
         mirror = self.reference.hop(*span)
         if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
@@ -114,14 +113,13 @@ class TrafficAudit:
             except KVBudgetExceeded:  # the Oracle's copy is full: these sessions go unfollowed
                 for i in checked:
                     self._forget(requests[i].session, span)
-                checked = []
             else:
                 at = 0
                 for i in checked:
                     expected[i] = out[at:at + requests[i].n_tokens]
                     at += requests[i].n_tokens
         self.clock.add(time.monotonic() - t0)
-        return Expectation(peer, span, checked, expected)
+        return Expectation(peer, span, expected)
 
     def judge(self, plan: Expectation, x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest], replay: Replay) -> bool:
         """Whether ``out`` (what the Scout answered) may be used. A failed check is a verdict (the

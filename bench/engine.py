@@ -1,7 +1,9 @@
 """Engine speed and memory: our quantized and dense paths, and llama.cpp on the same GGUF if
 llama-cpp-python is installed. Each backend runs in its own process so memory is its own.
+On ``--device cuda``: the int4 path against plain torch (dequantized weights, bf16 ``F.linear``)
+on the same model, decode at batch 1, 8 and 32, and GPU memory.
 
-    python bench/engine.py [--threads 2] [--new-tokens 128]
+    python bench/engine.py [--threads 2] [--new-tokens 128] [--model PATH] [--device cuda --quantize q4_0]
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def bench_shard(backend: str, new_tokens: int, model: str | None) -> dict:
+def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = "cpu", quantize: str | None = None,
+                batches: tuple[int, ...] = (8,)) -> dict:
     import torch
 
     from shard_common.model.ends import ModelEnds
@@ -38,12 +41,14 @@ def bench_shard(backend: str, new_tokens: int, model: str | None) -> dict:
     from shard_common.model.span import Span, SpanRequest
 
     base = rss_mb()
-    weights = load_weights(model)
-    runtime = Runtime.pick(backend, "cpu")
+    weights = load_weights(model, quantize=quantize)
+    runtime = Runtime.pick(backend, device)
     span = Span(weights, 0, weights.config.n_layers, runtime)
     ends = ModelEnds(weights, runtime)
     del weights
     memory = rss_mb() - base
+    on_gpu = runtime.device.type == "cuda"
+    gpu_weights_mb = torch.cuda.memory_allocated(runtime.device) / 2**20 if on_gpu else None
     prompt = [(i * 7919) % 40000 + 100 for i in range(PROMPT_TOKENS)]
     counter = iter(range(10**9))
 
@@ -72,7 +77,7 @@ def bench_shard(backend: str, new_tokens: int, model: str | None) -> dict:
 
     decode(1)
     b1 = max(decode(1) for _ in range(2))
-    b8 = decode(8)
+    batched = {f"decode_b{b}_tok_s": decode(b) for b in batches}
 
     def verify_vs_steps():
         s = f"v{next(counter)}"
@@ -90,9 +95,10 @@ def bench_shard(backend: str, new_tokens: int, model: str | None) -> dict:
 
     verify, singles = min((verify_vs_steps() for _ in range(3)), key=lambda x: x[0])
     return {
-        "backend": f"shard-{backend}", "threads": torch.get_num_threads(),
-        "prefill_tok_s": PROMPT_TOKENS / t_prefill, "decode_b1_tok_s": b1, "decode_b8_tok_s": b8,
+        "backend": f"shard-{backend}", "device": str(runtime.device), "threads": torch.get_num_threads(),
+        "prefill_tok_s": PROMPT_TOKENS / t_prefill, "decode_b1_tok_s": b1, **batched,
         "verify5_ms": verify * 1000, "five_steps_ms": singles * 1000, "memory_mb": memory, "rss_mb": rss_mb(),
+        **({"gpu_weights_mb": gpu_weights_mb, "gpu_peak_mb": torch.cuda.max_memory_allocated(runtime.device) / 2**20} if on_gpu else {}),
     }
 
 
@@ -134,7 +140,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     result = (bench_llama_cpp(args.threads, args.new_tokens, args.model) if args.child == "llama.cpp"
-              else bench_shard(args.child, args.new_tokens, args.model))
+              else bench_shard(args.child, args.new_tokens, args.model, args.device, args.quantize, tuple(args.batches)))
     print(json.dumps(result))
 
 
@@ -143,21 +149,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--model", default=None, help="a GGUF file or Hugging Face folder (default: the bundled SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"], help="quantize a Hugging Face folder at load")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes beside 1 (default 8; 8 32 on cuda)")
+    parser.add_argument("--name", default="engine", help="results file name under bench/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batches = args.batches or ([8, 32] if args.device.startswith("cuda") else [8])
     if args.child:
         return child(args)
-    backends = ["quant", "dense"]
-    try:
-        import llama_cpp  # noqa: F401
+    if args.device.startswith("cuda"):
+        backends = ["quant", "dense-bf16"]  # the int4 kernels vs plain torch on the same shapes
+    else:
+        backends = ["quant", "dense"]
+        try:
+            import llama_cpp  # noqa: F401
 
-        backends.append("llama.cpp")
-    except ImportError:
-        print("llama-cpp-python not installed: skipping llama.cpp (see README)", file=sys.stderr)
+            backends.append("llama.cpp")
+        except ImportError:
+            print("llama-cpp-python not installed: skipping llama.cpp (see README)", file=sys.stderr)
     rows = []
     for b in backends:
         out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                              *(["--model", args.model] if args.model else [])], capture_output=True, text=True, check=True)
+                              "--device", args.device, "--batches", *map(str, args.batches),
+                              *(["--model", args.model] if args.model else []), *(["--quantize", args.quantize] if args.quantize else [])],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{b} failed:\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     from shard_common.model.loader import resolve_model_path
 
@@ -165,14 +183,15 @@ def main() -> None:
     file_mb = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))) / 2**20
     for r in rows:
         r["memory_vs_file"] = r["memory_mb"] / file_mb
-    ref = next((r for r in rows if r["backend"] == "llama.cpp"), None)
+    ref = next((r for r in rows if r["backend"] in ("llama.cpp", "shard-dense-bf16")), None)
     if ref:
         for r in rows:
-            r["b1_vs_llama_cpp"] = r["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
-    print_table(rows, ["backend", "threads", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s", "verify5_ms", "five_steps_ms",
-                       "memory_mb", "memory_vs_file", "b1_vs_llama_cpp"])
-    print("wrote", write_json("engine", {"model": str(path), "file_mb": file_mb, "prompt_tokens": PROMPT_TOKENS,
-                                         "new_tokens": args.new_tokens, "results": rows}))
+            r["b1_vs_" + ref["backend"]] = r["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
+    print_table(rows, ["backend", "device", "threads", "prefill_tok_s", "decode_b1_tok_s", *(f"decode_b{b}_tok_s" for b in args.batches),
+                       "verify5_ms", "five_steps_ms", "memory_mb", "memory_vs_file", "gpu_weights_mb", "gpu_peak_mb",
+                       *(["b1_vs_" + ref["backend"]] if ref else [])])
+    print("wrote", write_json(args.name, {"model": str(path), "file_mb": file_mb, "prompt_tokens": PROMPT_TOKENS, "device": args.device,
+                                          "new_tokens": args.new_tokens, "results": rows}))
 
 
 if __name__ == "__main__":

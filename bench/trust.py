@@ -178,7 +178,7 @@ def cost(root: Path, port: int, rounds: int) -> list[dict]:
             wait_ready(oracle.url)
             if name == "trusted":  # past probation and its halving: the sampled steady state
                 wait(lambda: (asyncio.run(run_level(oracle.url, oracle.model, 4, 48, KEY)) and
-                              all((s.get("clean_checks") or 0) >= 1000 for s in oracle.status()["scouts"])), timeout=1800)
+                              all((s.get("clean_checks") or 0) >= 2000 for s in oracle.status()["scouts"])), timeout=1800)
             asyncio.run(run_level(oracle.url, oracle.model, 2, 8, KEY))
             cpu0, results = oracle.cpu_seconds(), []
             for _ in range(rounds):

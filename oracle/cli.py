@@ -15,6 +15,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_option(p, "--model", default=None, help="GGUF file or Hugging Face folder; the bundled SmolLM2-135M when unset")
     add_option(p, "--backend", default="quant", choices=["quant", "dense"],
                help="quant: 4/8-bit kernels with bf16 activations (fast); dense: fp32 reference")
+    add_option(p, "--device", default="cpu", help="cpu, cuda (cuda:N) or auto (CUDA when torch sees one): where this process's "
+               "own blocks, golden tickets' reference and the model's ends run")
     add_option(p, "--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
                help="quantize a Hugging Face checkpoint at load time")
     add_option(p, "--kv-budget-gb", default=2.0, type=float, help="memory for KV caches")
@@ -30,7 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from oracle.engine.sampler import SamplingParams
     from oracle.engine.sequence import Sequence
 
-    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, speculative=args.speculative)
+    local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, speculative=args.speculative,
+                              device=args.device)
     tok = local.tokenizer
     ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
     params = SamplingParams(
@@ -132,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--audit-probation", default=200, type=int,
                help="checked forwards a Scout must pass after it connects (and after a quarantine) before the Oracle only "
                     "samples its sessions; during them every session it starts is followed and checked before use")
-    add_option(serve, "--audit-floor", default=0.05, type=float,
+    add_option(serve, "--audit-floor", default=0.02, type=float,
                help="least share of a trusted Scout's sessions the Oracle follows with its own blocks")
-    add_option(serve, "--audit-budget", default=0.08, type=float,
+    add_option(serve, "--audit-budget", default=0.03, type=float,
                help="share of the Oracle's engine time that audits of real traffic may use above the floor")
     add_option(serve, "--audit-reprobation", default=0.002, type=float,
                help="chance per forward that a trusted Scout is put back on probation (50 checked forwards)")

@@ -110,7 +110,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
     health = PeerHealth(reputation, HealthPolicy(probation=args.audit_probation if auditing else 0), own=own_scouts)
     auditor = traffic = None
     if auditing:
-        runtime = Runtime.pick(args.backend)
+        runtime = Runtime.pick(args.backend, args.device)
         reference = ReferenceModel(weights, runtime)
         verdicts = Verdicts(health, args.ticket_tolerance)
         if args.ticket_rate > 0:
@@ -122,7 +122,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
             probation=args.audit_probation, floor=args.audit_floor, budget=args.audit_budget, reprobation=args.audit_reprobation))
     fill = None
     if args.fallback_local:
-        runtime, budget = Runtime.pick(args.backend), int(args.kv_budget_gb * (1 << 30))
+        runtime, budget = Runtime.pick(args.backend, args.device), int(args.kv_budget_gb * (1 << 30))
 
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
@@ -149,7 +149,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         t0 = time.monotonic()
         weights = load_weights(args.model, quantize=args.quantize)
-        runtime = Runtime.pick(args.backend)
+        runtime = Runtime.pick(args.backend, args.device)
         tokenizer = Tokenizer(weights.tokenizer)
         manifest = shards.convert(weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
                                   Path(args.data_dir) / "shards")

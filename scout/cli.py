@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--model", default=None, help="with --span and no shards: load the span from this GGUF/HF model "
                                                  "(the bundled one when unset)")
     add_option(p, "--backend", default="quant", choices=["quant", "dense"], help="quant: 4/8-bit kernels (fast); dense: fp32")
+    add_option(p, "--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
+               help="with --span and --model: quantize a Hugging Face checkpoint at load time, as the Oracle does")
+    add_option(p, "--device", default="auto", help="cpu, cuda (cuda:N) or auto: CUDA when torch sees a GPU (int4 kernels need "
+               "compute capability 8.0; older GPUs run dense bf16)")
     add_option(p, "--host", default="127.0.0.1", help="address the data plane and libp2p listen on")
     add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host, or this machine's address when --host is 0.0.0.0)")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
@@ -165,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     identity = Identity.load_or_create(data_dir / "identity.key")
-    runtime = Runtime.pick(args.backend)
+    runtime = Runtime.pick(args.backend, args.device)
     kv_budget = int(args.memory_gb * (1 << 30))
+    if runtime.device.type == "cuda":  # placement sizes spans by memory: on a GPU, what the GPU has free
+        kv_budget = min(kv_budget, torch.cuda.mem_get_info(runtime.device)[0])
     capabilities = Capabilities(device=str(runtime.device), threads=torch.get_num_threads(), memory_bytes=kv_budget)
 
     def manifest_for(shards_url: str | None, start: int, end: int, model: str | None = None, with_ends: bool = False) -> Path:
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = shards.load(manifest, start, end)
             model_id = shards.set_id(manifest)
         else:
-            weights = load_weights(args.model)
+            weights = load_weights(args.model, quantize=args.quantize)
         span, model_name = build_span(weights, start, end), weights.name
         del weights
     executor = MainThreadExecutor()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from shard_common.model.ends import ModelEnds
 from shard_common.model.loader import default_model_path, load_weights
@@ -29,6 +32,15 @@ def gemma_path():
 
 
 @pytest.fixture(scope="session")
+def device():
+    """Where the model tests run: SHARD_TEST_DEVICE (cpu unless set; scripts/gpu_check.sh sets cuda)."""
+    name = os.environ.get("SHARD_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(f"SHARD_TEST_DEVICE={name} but torch sees no CUDA device")
+    return name
+
+
+@pytest.fixture(scope="session")
 def weights(model_path):
     return load_weights(model_path)
 
@@ -38,20 +50,20 @@ def tokenizer(weights):
     return Tokenizer(weights.tokenizer)
 
 
-def _build(weights, backend):
-    runtime = Runtime.pick(backend, "cpu")
+def _build(weights, backend, device):
+    runtime = Runtime.pick(backend, device)
     span = Span(weights, 0, weights.config.n_layers, runtime)
     return runtime, span, ModelEnds(weights, runtime)
 
 
 @pytest.fixture(scope="session")
-def quant_parts(weights):
-    return _build(weights, "quant")
+def quant_parts(weights, device):
+    return _build(weights, "quant", device)
 
 
 @pytest.fixture(scope="session")
-def dense_parts(weights):
-    return _build(weights, "dense")
+def dense_parts(weights, device):
+    return _build(weights, "dense", device)
 
 
 @pytest.fixture(scope="session")

@@ -27,10 +27,10 @@ class LocalModel:
 
 
 def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
-                      speculative: str = "off") -> LocalModel:
+                      speculative: str = "off", device: str = "cpu") -> LocalModel:
     t0 = time.monotonic()
     weights = load_weights(model, quantize=quantize)
-    runtime = Runtime.pick(backend)
+    runtime = Runtime.pick(backend, device)
     tokenizer = Tokenizer(weights.tokenizer)
     pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
     engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer, speculative=speculative)

@@ -184,12 +184,12 @@ class SwarmPipeline:
         # A prompt read in this step: material for golden tickets (real hidden states).
         prompt = next((hidden[offsets[i]:offsets[i + 1]] for i, r in enumerate(requests) if r.start == 0 and r.n_tokens > 1), None)
         if len(groups) == 1:
-            out = self._run_group(hidden, requests, prompt).float()
+            out = self._run_group(hidden, requests, prompt).float().cpu()
         else:
             out = torch.empty(hidden.shape, dtype=torch.float32)
             for indices in groups.values():
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
-                out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices], prompt).float()
+                out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices], prompt).float().cpu()
         for r, offset in zip(requests, offsets):
             self.history.record(r, hidden[offset:offset + r.n_tokens])
         self.passes += 1

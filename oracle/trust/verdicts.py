@@ -19,7 +19,8 @@ CHECK_NAMES = {"ticket": "golden ticket", "mirror": "check of real traffic", "re
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
+    output, reference = output.float().cpu(), reference.float().cpu()  # a Scout's answer arrives on the CPU
+    return float((output - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
 class Verdicts:

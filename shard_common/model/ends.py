@@ -31,14 +31,14 @@ class ModelEnds:
         return rows.to(self.runtime.device)
 
     def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden, self.norm, self.config.norm_eps, self.runtime.dtype)
+        return rms_norm(hidden.to(self.runtime.device), self.norm, self.config.norm_eps, self.runtime.dtype)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [T, vocab] for hidden states [T, d_model]."""
-        return self.head(self._normed(hidden)).float()
+        """Float32 logits [T, vocab] on the CPU (where sampling runs) for hidden states [T, d_model]."""
+        return self.head(self._normed(hidden)).float().cpu()
 
     @torch.inference_mode()
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 final hidden states [T, d_model] (after the final norm): what embeddings pool."""
-        return self._normed(hidden).float()
+        return self._normed(hidden).float().cpu()

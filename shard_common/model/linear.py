@@ -8,7 +8,12 @@ The kernel keeps scales and zeros in bfloat16, so this is exact only up to their
 fraction of a quantization step; tests/unit/test_int4_layers.py states the bound).
 Q8_0 runs on the int8 weight-only kernel after re-quantizing per row (that kernel has one
 scale per output row, GGML has one per 32 values: lossy too).
-Everything else, and every weight on CUDA, runs dense in the activation dtype.
+CUDA (compute capability 8.0 and newer): the same int4 formats on torch's CUDA int4 kernel
+(tinygemm: the same (code - 8) * scale + zero per group of 32, its own packing: two codes a byte,
+then ``_convert_weight_to_int4pack`` with 8 inner k-tiles, which needs K % 128 == 0 and N % 8 == 0).
+Q8_0 runs dense in bf16 there (torch has no CUDA int8 weight-only kernel); so does a weight of
+the wrong shape, and every weight on an older GPU (logged once).
+Everything else runs dense in the activation dtype.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from .qtensor import QTensor, split_int4_planes
+from .runtime import cuda_int4_supported
 
 log = logging.getLogger(__name__)
 
 INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, *INT4_TYPES)
-_warned_types: set[QT] = set()
+_warned: set = set()
 
 
 class DenseLinear(torch.nn.Module):
@@ -38,6 +44,24 @@ class DenseLinear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+CUDA_INNER_K_TILES = 8
+
+
+def pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Codes int32 [N, K] in 0..15 in the layout of ``device``'s int4 kernel."""
+    if device.type == "cuda":
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        return torch._convert_weight_to_int4pack(pairs.to(device), CUDA_INNER_K_TILES)
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+
+
+def int4_fits(device: torch.device, rows: int, cols: int) -> bool:
+    """Whether ``device``'s int4 kernel takes a [rows, cols] weight."""
+    if device.type == "cuda":
+        return cols % (CUDA_INNER_K_TILES * 16) == 0 and rows % 8 == 0
+    return cols % 32 == 0
+
+
 class Int4Linear(torch.nn.Module):
     """One int4 matmul per plane (4-bit types have one, 5-bit types two), summed."""
 
@@ -46,13 +70,15 @@ class Int4Linear(torch.nn.Module):
         self.planes = planes  # (packed codes, scales and zeros) each
         self.out_features = out_features
         self.bias = bias
+        on_cuda = planes[0][0].device.type == "cuda"
+        self.matmul = torch._weight_int4pack_mm if on_cuda else torch._weight_int4pack_mm_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         y = None
         for packed, scales_zeros in self.planes:
-            part = torch._weight_int4pack_mm_for_cpu(flat, packed, 32, scales_zeros)
+            part = self.matmul(flat, packed, 32, scales_zeros)
             y = part if y is None else y + part
         if self.bias is not None:
             y = y + self.bias
@@ -74,10 +100,15 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.weight.shape[0])
 
 
+def warn_once(key, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
 def warn_if_emulated(qtype: QT, name: str) -> None:
-    if qtype not in NATIVE_TYPES and qtype not in _warned_types:
-        _warned_types.add(qtype)
-        log.warning("weights of type %s (first: %s) have no kernel here; dequantizing them to the activation dtype", qtype.name, name)
+    if qtype not in NATIVE_TYPES:
+        warn_once(qtype, "weights of type %s (first: %s) have no kernel here; dequantizing them to the activation dtype", qtype.name, name)
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,15 +129,20 @@ def make_linear(
     """Build the layer for ``weight`` ([out, in]). ``dense`` forces the reference dense path."""
     b = bias.dequantize().to(device=device, dtype=act_dtype) if bias is not None else None
     on_cpu = device.type == "cpu"
-    quant_ok = on_cpu and not dense and act_dtype == torch.bfloat16
-    if quant_ok and weight.qtype in INT4_TYPES:
+    quant_ok = not dense and act_dtype == torch.bfloat16
+    int4_ok = quant_ok and (on_cpu or cuda_int4_supported(device))
+    if quant_ok and not int4_ok and weight.qtype in INT4_TYPES:
+        warn_once(("old-gpu", str(device)), "int4 weights run dense on %s (compute capability below 8.0: no int4 kernel)", device)
+    if int4_ok and weight.qtype in INT4_TYPES and len(weight.shape) == 2 and int4_fits(device, *weight.shape):
         planes = []
         for codes, d, m in split_int4_planes(weight):
-            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
             zero = m + 8.0 * d
-            planes.append((packed, torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()))
+            scales_zeros = torch.stack([d.t(), zero.t()], dim=-1).to(device=device, dtype=torch.bfloat16).contiguous()
+            planes.append((pack_int4(codes, device), scales_zeros))
         return Int4Linear(planes, weight.rows, b)
-    if quant_ok and weight.qtype == QT.Q8_0:
+    if quant_ok and not on_cpu and weight.qtype == QT.Q8_0:
+        warn_once(("q8-cuda", str(device)), "Q8_0 weights run dense in bf16 on %s (torch has no CUDA int8 weight-only kernel)", device)
+    if quant_ok and on_cpu and weight.qtype == QT.Q8_0:
         q, scale = quantize_rows_int8(weight.dequantize())
         return Int8Linear(q, scale.to(act_dtype), b)
     warn_if_emulated(weight.qtype, name)

@@ -67,7 +67,7 @@ class Span:
         positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
         end = max(r.start + r.n_tokens for r in requests)
         tables = {base: rope.lookup(positions, end) for base, rope in self.ropes.items()}
-        h = hidden.float()
+        h = hidden.to(self.runtime.device, torch.float32)
         for layer, block in enumerate(self.blocks):
             h = block(h, layer, *tables[block.rope_base], seqs)
         for s in seqs:

@@ -30,8 +30,8 @@ ENGLISH = (
 )
 
 
-def forward_logits(weights, backend: str, ids: list[int]) -> torch.Tensor:
-    runtime = Runtime.pick(backend, "cpu")
+def forward_logits(weights, backend: str, ids: list[int], device: str = "cpu") -> torch.Tensor:
+    runtime = Runtime.pick(backend, device)
     span = Span(weights, 0, weights.config.n_layers, runtime)
     ends = ModelEnds(weights, runtime)
     hidden = span.forward(ends.embed(ids), [SpanRequest("s", 0, len(ids))])
@@ -64,42 +64,46 @@ def tiny_reference(arch: str, vocab_size: int, layers: int, seed: int):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_tiny_random_checkpoint_matches_transformers(tmp_path, tokenizer, arch):
+def test_tiny_random_checkpoint_matches_transformers(tmp_path, tokenizer, arch, device):
+    """Both sides on the test device (SHARD_TEST_DEVICE): on a GPU, ours against transformers there."""
     ref = tiny_reference(arch, tokenizer.vocab_size, 3, 0)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.hf.save(str(tmp_path / "tokenizer.json"))
     ids = tokenizer.encode("A tiny model still has to compute the same numbers.")
     with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0].float()
-    ours = forward_logits(load_weights(tmp_path), "dense", ids)
+        expected = ref.to(device)(torch.tensor([ids], device=device)).logits[0].float().cpu()
+    ours = forward_logits(load_weights(tmp_path), "dense", ids, device)
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
     # Quantized at load time: still the same model, within int4 noise (random weights quantize
     # worse than trained ones; measured cosine ~0.99).
-    quant = forward_logits(load_weights(tmp_path, quantize="q4_1"), "quant", ids)
+    quant = forward_logits(load_weights(tmp_path, quantize="q4_1"), "quant", ids, device)
     cosine = torch.nn.functional.cosine_similarity(quant.flatten(), expected.flatten(), dim=0)
     assert cosine > 0.95, cosine
 
 
 @pytest.fixture(scope="module")
-def reference_smollm(model_path):
+def reference_smollm(model_path, device):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, torch_dtype=torch.float32
-    ).eval()
+    ).eval().to(device)
 
 
-def test_real_model_dense_matches_transformers(weights, tokenizer, reference_smollm):
-    ids = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        expected = reference_smollm(torch.tensor([ids])).logits[0].float()
-    ours = forward_logits(weights, "dense", ids)
+        return model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
+
+
+def test_real_model_dense_matches_transformers(weights, tokenizer, reference_smollm, device):
+    ids = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    expected = reference_logits(reference_smollm, ids)
+    ours = forward_logits(weights, "dense", ids, device)
     assert (ours - expected).abs().max() < 1e-3
 
 
-def test_quant_path_tracks_reference(weights, tokenizer, reference_smollm):
+def test_quant_path_tracks_reference(weights, tokenizer, reference_smollm, device):
     ids = tokenizer.encode(ENGLISH)
-    with torch.no_grad():
-        expected = reference_smollm(torch.tensor([ids])).logits[0].float()
-    quant = forward_logits(weights, "quant", ids)
+    expected = reference_logits(reference_smollm, ids)
+    quant = forward_logits(weights, "quant", ids, device)
     agree = (quant.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agree > 0.85, agree
     ppl_ref, ppl_quant = perplexity(expected, ids), perplexity(quant, ids)

@@ -23,9 +23,9 @@ class Setup:
     """A real Span as the Scout on blocks 15..30, the Oracle's blocks 0..15 feeding it, and the audit."""
 
     def __init__(self, weights, tokenizer, ends, policy: AuditPolicy, probation: int, plausibility: Plausibility | None = None):
-        runtime = Runtime.pick("quant")
+        runtime = Runtime.pick("quant", "cpu")
         self.front = Span(weights, 0, SPAN[0], runtime)
-        self.scout = Span(weights, *SPAN, Runtime.pick("dense"))  # other kernels, fp32 activations: honest
+        self.scout = Span(weights, *SPAN, Runtime.pick("dense", "cpu"))  # other kernels, fp32 activations: honest
         self.health = PeerHealth(policy=HealthPolicy(probation=probation))
         self.health.record("scout", Outcome.CONNECTED)
         self.audit = TrafficAudit(ReferenceModel(weights, runtime), Verdicts(self.health), "float32", policy,

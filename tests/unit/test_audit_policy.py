@@ -3,31 +3,32 @@ ledger that names what a failed Scout served unverified."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from oracle.trust.audit_policy import AuditPolicy, follow_share
 from oracle.trust.plausibility import Plausibility
 from oracle.trust.taint import TaintLedger
 
-POLICY = AuditPolicy(probation=200, floor=0.05, budget=0.1)
+POLICY = AuditPolicy(probation=200, floor=0.02, budget=0.1)
 
 
 def test_on_probation_every_session_is_followed():
     assert follow_share(POLICY, probation_left=1, clean_checks=10**6, audit_share=1.0) == 1.0
 
 
-def test_the_share_halves_as_the_clean_record_doubles_down_to_the_floor_when_busy():
+def test_the_share_falls_with_the_square_of_the_clean_record_down_to_the_floor_when_busy():
     busy = 1.0  # audits already use all of the budget: no spare room
     assert follow_share(POLICY, 0, 200, busy) == 1.0
-    assert follow_share(POLICY, 0, 400, busy) == 0.5
-    assert follow_share(POLICY, 0, 2000, busy) == 0.1
-    assert follow_share(POLICY, 0, 10**6, busy) == 0.05
+    assert follow_share(POLICY, 0, 400, busy) == 0.25
+    assert follow_share(POLICY, 0, 1000, busy) == pytest.approx(0.04)
+    assert follow_share(POLICY, 0, 10**6, busy) == 0.02
 
 
 def test_spare_budget_raises_the_share_and_never_past_one():
     assert follow_share(POLICY, 0, 10**6, audit_share=0.0) == 1.0
     assert follow_share(POLICY, 0, 10**6, audit_share=0.05) == 0.5
-    assert follow_share(POLICY, 0, 10**6, audit_share=0.1) == 0.05
+    assert follow_share(POLICY, 0, 10**6, audit_share=0.1) == 0.02
     assert follow_share(AuditPolicy(probation=0, floor=0.3, budget=0.0), 0, 0, 0.0) == 0.3
 
 

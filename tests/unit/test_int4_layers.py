@@ -47,14 +47,19 @@ def test_decoded_blocks_are_gguf_dequantization_exactly(qtype):
     assert np.array_equal(ours.float().numpy(), reference.astype(np.float32))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)), reason="needs a CUDA GPU of compute capability 8.0+"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", TYPES)
-def test_int4_layer_matches_a_dense_matmul(qtype):
+def test_int4_layer_matches_a_dense_matmul(qtype, device):
     rng = np.random.default_rng(2)
     w = weights(qtype, rng)
-    layer = make_linear(w, None, torch.device("cpu"), torch.bfloat16)
+    layer = make_linear(w, None, torch.device(device), torch.bfloat16)
     assert isinstance(layer, Int4Linear)  # native, not dequantized
     x = torch.from_numpy(rng.standard_normal((5, COLS)).astype(np.float32)).bfloat16()
     dense = x.float() @ torch.from_numpy(quants.dequantize(w.data, qtype).reshape(ROWS, COLS)).t()
-    out = layer(x).float()
+    out = layer(x.to(device)).float().cpu()
     # bf16 activations and bf16 scales/zeros: relative error of a few parts in a thousand of the output scale.
     assert (out - dense).abs().max() <= 1e-2 * dense.abs().max()

@@ -1,0 +1,26 @@
+"""Where tensors run: activation dtypes per backend, and clear refusals when a GPU is asked for
+and there is none (the CUDA branches themselves run only on a GPU: scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard_common.model.runtime import Runtime, cuda_int4_supported
+
+
+def test_backends_pick_their_activation_and_cache_dtypes():
+    assert Runtime.pick("quant", "cpu").dtype == torch.bfloat16 and not Runtime.pick("quant", "cpu").dense
+    assert Runtime.pick("dense", "cpu").dtype == torch.float32 and Runtime.pick("dense", "cpu").dense
+    assert Runtime.pick("dense-bf16", "cpu").dtype == torch.bfloat16 and Runtime.pick("dense-bf16", "cpu").dense
+    assert Runtime.pick("quant", "cpu").kv_dtype == torch.float32  # CPU attention is faster in fp32
+    with pytest.raises(ValueError, match="backend"):
+        Runtime(backend="fp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_without_one_is_a_clear_error_and_auto_means_the_cpu():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Runtime.pick("quant", "cuda")
+    assert Runtime.pick("quant", "auto").device.type == "cpu" and Runtime.pick("quant").device.type == "cpu"
+    assert not cuda_int4_supported(torch.device("cpu"))

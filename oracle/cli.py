@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                help="least share of a trusted Scout's sessions the Oracle follows with its own blocks")
     add_option(serve, "--audit-budget", default=0.03, type=float,
                help="share of the Oracle's engine time that audits of real traffic may use above the floor")
-    add_option(serve, "--audit-reprobation", default=0.002, type=float,
+    add_option(serve, "--audit-reprobation", default=0.0005, type=float,
                help="chance per forward that a trusted Scout is put back on probation (50 checked forwards)")
     add_option(serve, "--ticket-idle-seconds", default=60.0, type=float, help="an idle Scout gets a ticket this often")
     add_option(serve, "--ticket-tolerance", default=0.05, type=float,

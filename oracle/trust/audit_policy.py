@@ -22,7 +22,7 @@ class AuditPolicy:
     probation: int = 200  # checked forwards a Scout must pass after each connection
     floor: float = 0.02  # least share of a trusted Scout's sessions followed
     budget: float = 0.03  # share of the Oracle's engine time audits may use above the floor
-    reprobation: float = 0.002  # chance per forward that a trusted Scout goes back on probation
+    reprobation: float = 0.0005  # chance per forward that a trusted Scout goes back on probation
     reprobation_forwards: int = 50
 
 

@@ -47,9 +47,10 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
     ends = ModelEnds(weights, runtime)
     del weights
     memory = rss_mb() - base
+    vocab = span.config.vocab_size
     on_gpu = runtime.device.type == "cuda"
     gpu_weights_mb = torch.cuda.memory_allocated(runtime.device) / 2**20 if on_gpu else None
-    prompt = [(i * 7919) % 40000 + 100 for i in range(PROMPT_TOKENS)]
+    prompt = [(i * 7919) % min(40000, vocab - 100) + 100 for i in range(PROMPT_TOKENS)]
     counter = iter(range(10**9))
 
     def prefill():
@@ -158,16 +159,21 @@ def main() -> None:
     args.batches = args.batches or ([8, 32] if args.device.startswith("cuda") else [8])
     if args.child:
         return child(args)
+    from shard_common.model.loader import resolve_model_path
+
+    path = resolve_model_path(args.model)
     if args.device.startswith("cuda"):
         backends = ["quant", "dense-bf16"]  # the int4 kernels vs plain torch on the same shapes
     else:
         backends = ["quant", "dense"]
         try:
+            if not path.is_file():
+                raise ImportError("llama.cpp reads GGUF files, not Hugging Face folders")
             import llama_cpp  # noqa: F401
 
             backends.append("llama.cpp")
-        except ImportError:
-            print("llama-cpp-python not installed: skipping llama.cpp (see README)", file=sys.stderr)
+        except ImportError as e:
+            print(f"skipping llama.cpp: {e} (see README)", file=sys.stderr)
     rows = []
     for b in backends:
         out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
@@ -177,9 +183,6 @@ def main() -> None:
         if out.returncode:
             raise SystemExit(f"{b} failed:\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    from shard_common.model.loader import resolve_model_path
-
-    path = resolve_model_path(args.model)
     file_mb = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))) / 2**20
     for r in rows:
         r["memory_vs_file"] = r["memory_mb"] / file_mb

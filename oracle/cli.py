@@ -8,6 +8,7 @@ import sys
 
 from oracle.api.storage import add_redis_options, add_storage_options
 from oracle.swarm.addresses import DEFAULT_DATA_PORT
+from shard_common.link_sim import add_link_options
 from shard_common.settings import add_option, setup_logging
 
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                help="how many local Scouts serve each span (2: any one can die without a pause longer than a replay)")
     add_option(serve, "--fallback-local", action="store_true", default=False,
                help="compute the blocks no Scout serves (or whose Scouts all died) in this process instead of answering 503")
+    add_link_options(serve)
     add_option(serve, "--eager-cache-ops", action="store_true", default=False,
                help="for benchmarks: send every KV cache rollback/fork/free to the Scouts at once, in a round trip of its "
                     "own, instead of on the hop's next forward")

@@ -53,6 +53,7 @@ from shard_common.model.loader import load_weights, resolve_model_path
 from shard_common.model.runtime import Runtime
 from shard_common.model.span import Span
 from shard_common.model.weights import ModelWeights
+from shard_common import link_sim
 from shard_common.p2p.node import P2PConfig, quiet_libp2p_logs
 from shard_common.tokenizer import Tokenizer
 
@@ -140,6 +141,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
 def serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     quiet_libp2p_logs(logging.getLogger().level)
+    link_sim.configure_from(args)
     embedded = None
     redis_url = args.redis_url
     if not redis_url:

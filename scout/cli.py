@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from shard_common.link_sim import add_link_options, configure_from
 from shard_common.settings import add_option, setup_logging
 
 log = logging.getLogger("scout")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, "--session-idle-seconds", default=600.0, type=float, help="free a session's KV cache after this long unused")
     add_option(p, "--simulate-latency-ms", default=0.0, type=float,
                help="for benchmarks only: delay every data-plane reply, as over a slow link (one round trip per hop)")
+    add_link_options(p)
     add_option(p, "--swarm-secret", default=None, help="private swarm: the shared secret the Oracle requires (prove it, and "
                                                         "follow only Oracles that prove it)")
     add_option(p, "--inject-faults", default="", help="TESTING ONLY: misbehave on purpose to test a swarm's defences, e.g. "
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from .server import SpanServer
 
     quiet_libp2p_logs(logging.getLogger().level)
+    configure_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)

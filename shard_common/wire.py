@@ -16,6 +16,7 @@ import struct
 import torch
 from pydantic import ValidationError
 
+from .link_sim import LINK
 from .protocol import MESSAGES, Kind, Message
 
 MAGIC = b"SH"
@@ -35,7 +36,11 @@ class FrameError(ValueError):
 
 async def write_frame(writer: asyncio.StreamWriter, kind: Kind, message: Message, body: bytes = b"") -> None:
     header = message.model_dump_json().encode()
-    writer.write(PRELUDE.pack(MAGIC, VERSION, int(kind), len(header), len(body)) + header)
+    head = PRELUDE.pack(MAGIC, VERSION, int(kind), len(header), len(body)) + header
+    if LINK.active:  # benchmarks: the frame travels a simulated WAN link (link_sim.py)
+        LINK.send(writer, head + body)
+        return
+    writer.write(head)
     if body:
         writer.write(body)
     await writer.drain()

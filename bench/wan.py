@@ -1,0 +1,131 @@
+"""The swarm over simulated WAN links: an Oracle and 3 local Scouts (one thread each) plus a draft
+Scout, every data-plane frame delayed by a one-way link delay at send (``SHARD_SIMULATE_LINK_MS``,
+shard_common/link_sim.py, set for the Oracle and inherited by its Scouts), so each topology pays
+for the trips it makes: a hub step through n Scouts costs 2n one-way delays.
+
+Per delay, in one run: single-stream greedy tokens/s with speculation off, with prompt lookup and
+with the draft Scout; 16-stream aggregate tokens/s (speculation off); data-plane round trips per
+token. Topology: hub (Oracle → Scout → Oracle per hop); schedule: lockstep (one batch in flight).
+Chained forwarding and pipelined micro-batches are not built yet: their columns say so.
+Prints a table, writes bench/results/wan.json and wan.png (docs/img/wan.png is a copy).
+
+    python bench/wan.py [--delays 0 10 25 50] [--max-tokens 32] [--streams 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests  # noqa: E402
+
+from bench.api import run_level, wait_ready  # noqa: E402
+from bench.common import print_table, save_plot, write_json  # noqa: E402
+
+KEY = "sk-oracle-bench-" + "w" * 32
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ["Summarize in one sentence: the council voted to build bicycle lanes on Main Street next spring.",
+           "Write a short poem about the sea."]
+
+
+def status(url: str) -> dict:
+    return requests.get(url + "/v1/cluster/status", headers=HEADERS, timeout=10).json()
+
+
+def trips_and_tokens(url: str) -> tuple[int, int]:
+    s = status(url)
+    return s["data_plane"]["round_trips"], s["tokens_generated"]
+
+
+def single_stream(url: str, model: str, mode: str, max_tokens: int) -> dict:
+    trips0, tokens0 = trips_and_tokens(url)
+    tokens, elapsed = 0, 0.0
+    for prompt in PROMPTS:
+        t0 = time.perf_counter()
+        r = requests.post(url + "/v1/chat/completions", headers=HEADERS, timeout=900, json={
+            "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens,
+            "speculative": mode}).json()
+        elapsed += time.perf_counter() - t0
+        tokens += r["usage"]["completion_tokens"]
+    trips1, tokens1 = trips_and_tokens(url)
+    return {"tok_s": tokens / elapsed, "round_trips_per_token": (trips1 - trips0) / max(1, tokens1 - tokens0)}
+
+
+def measure(delay_ms: float, max_tokens: int, streams: int, port: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "SHARD_ADMIN_KEY": KEY, "SHARD_SIMULATE_LINK_MS": str(delay_ms)}
+        proc = subprocess.Popen([sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--data-dir", tmp, "--no-store",
+                                 "--local-scouts", "3", "--local-draft-scouts", "1", "--p2p-port", str(port + 100),
+                                 "--data-port", "0", "--speculative", "off"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, timeout=300)
+            deadline = time.monotonic() + 300
+            while not any(s.get("role") == "draft" and s["state"] == "active" for s in status(url)["scouts"]):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the draft Scout did not join")
+                time.sleep(1)
+            model = requests.get(url + "/v1/models", headers=HEADERS, timeout=5).json()["data"][0]["id"]
+            single_stream(url, model, "off", 4)  # warm-up
+            rows = []
+            for mode in ("off", "ngram", "scout"):
+                rows.append({"delay_ms": delay_ms, "streams": 1, "speculative": mode, "topology": "hub", "schedule": "lockstep",
+                             **single_stream(url, model, mode, max_tokens)})
+            trips0, tokens0 = trips_and_tokens(url)
+            level = asyncio.run(run_level(url, model, streams, max_tokens, KEY))
+            trips1, tokens1 = trips_and_tokens(url)
+            rows.append({"delay_ms": delay_ms, "streams": streams, "speculative": "off", "topology": "hub", "schedule": "lockstep",
+                         "tok_s": level["aggregate_tok_s"], "round_trips_per_token": (trips1 - trips0) / max(1, tokens1 - tokens0)})
+            return rows
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for streams, mode in sorted({(r["streams"], r["speculative"]) for r in rows}):
+        pts = sorted((r["delay_ms"], r["tok_s"]) for r in rows if r["streams"] == streams and r["speculative"] == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{streams} stream{'s' * (streams > 1)}, {mode}")
+    ax.set_xlabel("one-way delay per link (ms)")
+    ax.set_ylabel("tokens/s (hub, lockstep)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 10, 25, 50])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=16)
+    args = parser.parse_args()
+    rows = []
+    for i, delay in enumerate(args.delays):
+        rows += measure(delay, args.max_tokens, args.streams, 8700 + 2 * i)
+    for r in rows:
+        r["chain"] = r["pipelined"] = "not built"
+    print_table(rows, ["delay_ms", "streams", "speculative", "topology", "schedule", "tok_s", "round_trips_per_token", "chain",
+                       "pipelined"])
+    print("wrote", write_json("wan", {"max_tokens": args.max_tokens, "scouts": 3, "results": rows}))
+    save_plot(plot, rows, "wan")
+
+
+if __name__ == "__main__":
+    main()

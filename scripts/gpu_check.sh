@@ -33,7 +33,7 @@ step() {  # step NAME COMMAND...: its output in $OUT/NAME.log, its result in $OU
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" \
     | tee -a "$OUT/summary.txt"
 if [ -d wheels ]; then
-    step wheels python3 -m pip install --quiet --no-index --no-deps --break-system-packages wheels/*.whl
+    step wheels python3 -m pip install --quiet --no-index --no-deps --break-system-packages --find-links wheels -r wheels/requirements.txt
 fi
 step models python3 -m bench.random_models --out "$WORK" tiny $SHAPES
 step tests python3 -m pytest -q -p no:cacheprovider tests/unit/test_int4_layers.py tests/model/test_device.py

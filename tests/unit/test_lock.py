@@ -62,7 +62,8 @@ def test_torch_is_the_cpu_build_without_cuda_packages():
 
 def test_every_install_goes_through_the_lock():
     """pip never resolves by itself: each install is from a lock file, with --no-deps. (lock.sh's
-    throwaway pip-tools venv is the one exception: it makes the lock.)"""
+    throwaway pip-tools venv is the one exception: it makes the lock. gpu_check.sh installs
+    wheels/requirements.txt: the pins of requirements/runtime.txt that gpu_wheels.sh downloaded.)"""
     places = [p for p in (ROOT / "scripts").glob("*.sh") if p.name != "lock.sh"] + [*(ROOT / "compose").glob("Dockerfile.*")]
     installs = []
     for path in places:
@@ -72,7 +73,8 @@ def test_every_install_goes_through_the_lock():
                 installs.append((path.name, line))
                 assert "--no-deps" in line, f"{path.name}: {line.strip()}"
                 rest = re.sub(r"\s--?\S+(\s+https?://\S+)?", " ", line.split("pip install", 1)[1]).replace('"', "").split()
-                assert all(arg.startswith("requirements/") or arg in {".", "/app", "${locks[@]}"} or "==" in arg for arg in rest), (
+                allowed = {".", "/app", "${locks[@]}", "wheels", "wheels/requirements.txt"}
+                assert all(arg.startswith("requirements/") or arg in allowed or "==" in arg for arg in rest), (
                     f"{path.name}: {line.strip()}"
                 )
     assert {name for name, _ in installs} >= {"install.sh", "Dockerfile.oracle", "Dockerfile.scout"}

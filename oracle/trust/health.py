@@ -1,10 +1,10 @@
 """Each Scout's health and trust, with one owner.
 
 Everything that learns something about a peer tells ``PeerHealth.record`` (a request answered,
-timed out or lost; a fresh connection; a golden ticket or probation mirror passed or failed), and
+timed out or lost; a fresh connection; a golden ticket or a checked forward passed or failed), and
 everything that must decide about a peer asks it (``usable``: may it carry client traffic;
-``may_connect``: may the swarm hold a connection to it; ``probation_left``: must its next forward be
-mirrored). The states:
+``may_connect``: may the swarm hold a connection to it; ``probation_left``: must every session it
+starts be followed). The states:
 
 - reachable: a connection is open and answering;
 - cooling down: it stopped answering (rather than closing); each retry would cost a session's
@@ -41,7 +41,7 @@ class Outcome(enum.Enum):
     LOST = "lost"  # the connection closed or was refused
     TICKET_PASSED = "ticket_passed"
     TICKET_FAILED = "ticket_failed"
-    MIRROR_PASSED = "mirror_passed"  # a forward on probation matched the Oracle's own computation
+    MIRROR_PASSED = "mirror_passed"  # a checked forward (a followed session) matched the Oracle's own computation
     MIRROR_FAILED = "mirror_failed"
 
     @property
@@ -75,7 +75,7 @@ class PeerHealth:
         self.policy = policy or HealthPolicy()
         self.own = frozenset(own or ())  # Scouts this Oracle started itself: its own code on its own machine, never audited
         self._peers: dict[str, PeerState] = {}
-        self._lock = threading.Lock()  # verdicts come from the engine's thread too (probation mirrors)
+        self._lock = threading.Lock()  # verdicts come from the engine's thread too (checks of real traffic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: set = set()
 
@@ -138,7 +138,7 @@ class PeerHealth:
 
     def probation_left(self, peer: str) -> int:
         state = self._peers.get(peer)
-        return state.probation if state and peer not in self.own else 0
+        return state.probation if state else 0
 
     def clean_checks(self, peer: str) -> int:
         state = self._peers.get(peer)
@@ -157,7 +157,8 @@ class PeerHealth:
         with self._lock:
             state = self._peer(peer)
             if outcome is Outcome.CONNECTED:
-                state.reachable, state.probation = True, self.policy.probation
+                state.reachable = True
+                state.probation = 0 if peer in self.own else self.policy.probation
             elif outcome is Outcome.ANSWERED:
                 state.reachable = True
                 if state.cooldown_length and state.cooldown_until <= time.monotonic():

@@ -26,6 +26,7 @@ class SpanCalibration:
     rows: int = 0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None  # sum of squared deviations (Chan et al.'s parallel update)
+    std: torch.Tensor | None = None  # per channel, kept with the statistics: every unfollowed forward is scored
     score_max: float = -math.inf
     log_norm: tuple[float, float] = (math.inf, -math.inf)
     pending: list[torch.Tensor] = field(default_factory=list)  # rows kept until there are enough to judge by
@@ -42,10 +43,10 @@ class SpanCalibration:
             self.mean = self.mean + delta * (n / total)
             self.m2 = self.m2 + m2 + delta ** 2 * (self.rows * n / total)
             self.rows = total
+        self.std = (self.m2 / max(1, self.rows - 1)).sqrt().clamp_min(1e-3)
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        std = (self.m2 / max(1, self.rows - 1)).sqrt().clamp_min(1e-3)
-        return (((rows - self.mean) / std) ** 2).mean(1).clamp_min(1e-12).log()
+        return (((rows - self.mean) / self.std) ** 2).mean(1).clamp_min(1e-12).log()
 
 
 class Plausibility:

@@ -116,11 +116,15 @@ class Chaos:
     """Every ``every`` seconds: SIGKILL a random Scout from ``names`` that is up, and start it again
     ``down`` seconds later (in the background, so kills keep their rhythm). A round is skipped
     unless ``ready()``: the promise is no failed request *while a replica exists*, so a kill waits
-    until the swarm has re-replicated what the last one took."""
+    until the swarm has re-replicated what the last one took. ``candidates`` narrows the Scouts that
+    are up to those a kill may hit (a round with none is skipped too): a test that must see a
+    failover kills only Scouts that carry a session at that moment, instead of hoping."""
 
     def __init__(self, names: list[str], kill: Callable[[str], None], restart: Callable[[str], None], every: float,
-                 down: float = 3.0, seed: int = 0, ready: Callable[[], bool] = lambda: True):
+                 down: float = 3.0, seed: int = 0, ready: Callable[[], bool] = lambda: True,
+                 candidates: Callable[[list[str]], list[str]] = lambda up: up):
         self.names, self.kill, self.restart, self.every, self.down, self.ready = names, kill, restart, every, down, ready
+        self.candidates = candidates
         self.random = random.Random(seed)
         self.kills: list[tuple[float, str]] = []
         self.skipped = 0
@@ -132,10 +136,10 @@ class Chaos:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             up = [n for n in self.names if n not in self._down]
-            if not up or not self.ready():
+            if not up or not self.ready() or not (targets := self.candidates(up)):
                 self.skipped += 1
                 continue
-            name = self.random.choice(up)
+            name = self.random.choice(targets)
             self._down.add(name)
             self.kill(name)
             self.kills.append((time.monotonic(), name))

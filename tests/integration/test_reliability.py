@@ -36,8 +36,13 @@ def test_killing_random_scouts_under_load_fails_no_request_and_changes_no_answer
     # The expected answers come from the same swarm before any fault.
     for prompt in ("What is the capital of France?", "Name three colors."):
         load.expected[prompt] = load.ask(client(swarm.oracle.url, ADMIN_KEY), prompt, stream=False)[0]
+    def carrying_a_session(up: list[str]) -> list[str]:
+        status = swarm.oracle.status()
+        return [n for n in up if (s := swarm.scout(n, status)) and s["sessions"] > 0]
+
+    # Kills aim at Scouts carrying a session, so the failover path is exercised every run, not by luck.
     chaos = Chaos(list(FOUR), lambda n: swarm.scouts[n].proc.kill(), lambda n: swarm.add(n), every=6, down=2, seed=1,
-                  ready=lambda: min(swarm.oracle.status()["coverage"]) == 2)
+                  ready=lambda: min(swarm.oracle.status()["coverage"]) == 2, candidates=carrying_a_session)
     load.start()
     chaos.start()
     deadline = time.monotonic() + 120
@@ -50,7 +55,7 @@ def test_killing_random_scouts_under_load_fails_no_request_and_changes_no_answer
     assert [r["error"] for r in records if not r["ok"]] == []
     assert [r["prompt"] for r in records if r["ok"] and not r["same"]] == []
     status = swarm.oracle.wait_for("every span served twice again", lambda st: min(st["coverage"]) == 2 and st, timeout=180)
-    assert status["failovers"] >= 1  # some kill hit a Scout that carried a session
+    assert status["failovers"] >= 1
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_its_caches_on_every_scout(swarm, model_id):

@@ -6,6 +6,7 @@ import torch
 
 from .layers import rms_norm
 from .linear import make_linear
+from .memory import release_after_build
 from .runtime import Runtime
 from .weights import ModelWeights
 
@@ -19,6 +20,7 @@ class ModelEnds:
         self.embedding = tensors["token_embd"]
         self.norm = tensors["output_norm"].dequantize().to(runtime.device)
         self.head = make_linear(tensors["output"], None, runtime.device, runtime.dtype, runtime.dense, "output")
+        release_after_build(tensors.values())
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .gguf_file import GGUFFile
 from .qtensor import QTensor
 from .weights import ModelWeights, TokenizerSpec
 
@@ -19,9 +19,8 @@ log = logging.getLogger(__name__)
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
 
 
-def _field(reader: GGUFReader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
@@ -30,7 +29,7 @@ def unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
     return np.arange(rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
-def read_config(reader: GGUFReader) -> ModelConfig:
+def read_config(reader: GGUFFile) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -53,7 +52,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
-        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
         context_length=int(_field(reader, f"{arch}.context_length", 2048)),
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -79,7 +78,7 @@ GEMMA_TEMPLATE = (
 )
 
 
-def read_tokenizer(reader: GGUFReader) -> TokenizerSpec:
+def read_tokenizer(reader: GGUFFile) -> TokenizerSpec:
     model = _field(reader, "tokenizer.ggml.model", "gpt2")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
@@ -110,16 +109,11 @@ def load_gguf(path: str | Path) -> ModelWeights:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = GGUFReader(str(path))
+    reader = GGUFFile(path)
     config = read_config(reader)
     tensors: dict[str, QTensor] = {}
     for t in reader.tensors:
-        # GGUF lists dimensions fastest-first; ours are (rows, cols).
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = np.asarray(t.data)
-        if data.ndim == 1 and len(shape) == 2 and t.tensor_type.name in ("F32", "F16", "BF16"):
-            data = data.reshape(shape)
-        tensors[t.name] = QTensor(t.tensor_type, shape, data)
+        tensors[t.name] = QTensor(t.qtype, t.shape, t.data)
     if config.architecture in PERMUTED_QK_ARCHITECTURES:
         for i in range(config.n_layers):
             for name, heads in (("attn_q", config.n_heads), ("attn_k", config.n_kv_heads)):

@@ -15,14 +15,27 @@ class UnknownSession(KeyError):
     pass
 
 
+# Positions a sliding-window block keeps beyond its window, so that rollbacks (rejected drafts:
+# at most 8 positions; a shared prefill: 1) find the positions before them still there.
+ROLLBACK_SLACK = 64
+
+
 @dataclass
 class SessionCache:
-    """Keys and values of one session: ``k``/``v`` are [n_layers, n_kv_heads, capacity, head_dim];
-    only the first ``length`` positions are valid."""
+    """Keys and values of one session. Blocks with full attention keep every position:
+    ``k``/``v`` are [n_full, n_kv_heads, capacity, head_dim], the first ``length`` valid.
+    Sliding-window blocks keep only their last ``ring`` positions, each stored twice (buffer
+    index i holds position p with p % ring == i % ring, at i and i + ring) so that any
+    ``ring`` consecutive positions are one contiguous slice: attention reads a view, never a
+    gathered copy. ``high`` is the highest position ever written to the ring plus one."""
 
     k: torch.Tensor
     v: torch.Tensor
+    layers: list[tuple[bool, int]]  # per span block: (in the ring?, index in its store)
+    ring_k: torch.Tensor | None = None  # [n_sliding, n_kv_heads, 2 * ring, head_dim]
+    ring_v: torch.Tensor | None = None
     length: int = 0
+    high: int = 0
     last_used: float = field(default=0.0)
 
     @property
@@ -30,13 +43,54 @@ class SessionCache:
         return self.k.shape[2]
 
     @property
+    def ring(self) -> int:
+        return self.ring_k.shape[2] // 2 if self.ring_k is not None else 0
+
+    @property
     def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() * 2
+        ring = self.ring_k.nelement() * self.ring_k.element_size() * 2 if self.ring_k is not None else 0
+        return self.k.nelement() * self.k.element_size() * 2 + ring
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` ([n_kv_heads, n, head_dim]) at positions ``start``.. and return the
+        keys and values of positions ``first``..``start + n`` for attention."""
+        ringed, i = self.layers[layer]
+        end = start + k.shape[1]
+        if not ringed:
+            self.k[i, :, start:end] = k
+            self.v[i, :, start:end] = v
+            return self.k[i, :, first:end], self.v[i, :, first:end]
+        ring = self.ring
+        if end - first <= ring:
+            self._ring_write(i, start, k, v)
+            at = first % ring
+            return self.ring_k[i, :, at:at + end - first], self.ring_v[i, :, at:at + end - first]
+        # A chunk longer than the ring (a long prefill): the window before it, then the chunk
+        # itself; the ring keeps the chunk's last positions.
+        at = first % ring
+        keys = torch.cat([self.ring_k[i, :, at:at + start - first], k], dim=1)
+        values = torch.cat([self.ring_v[i, :, at:at + start - first], v], dim=1)
+        keep = min(k.shape[1], ring)
+        self._ring_write(i, end - keep, k[:, -keep:], v[:, -keep:])
+        return keys, values
+
+    def _ring_write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        ring, n = self.ring, k.shape[1]
+        at = start % ring
+        for store, new in ((self.ring_k, k), (self.ring_v, v)):
+            store[i, :, at:at + n] = new
+            if at < ring:  # the part in the first copy, mirrored into the second
+                store[i, :, ring + at:ring + min(at + n, ring)] = new[:, :ring - at]
+            if at + n > ring:  # the part that ran into the second copy, mirrored into the first
+                store[i, :, :at + n - ring] = new[:, ring - at:]
+        self.high = max(self.high, start + n)
 
 
 class KVCachePool:
     """Owns every session's cache for one span. Capacity grows in chunks so that a decode step
-    writes in place instead of concatenating; the budget counts allocated, not used, bytes."""
+    writes in place instead of concatenating; the budget counts allocated, not used, bytes.
+    ``windows`` gives each block's sliding window (0: full attention); blocks with one keep a
+    ring of window + ``ROLLBACK_SLACK`` positions instead of the whole context."""
 
     def __init__(
         self,
@@ -48,6 +102,7 @@ class KVCachePool:
         budget_bytes: int,
         max_length: int,
         chunk_tokens: int = 256,
+        windows: list[int] | None = None,
     ):
         self.n_layers = n_layers
         self.n_kv_heads = n_kv_heads
@@ -57,12 +112,24 @@ class KVCachePool:
         self.budget_bytes = budget_bytes
         self.max_length = max_length
         self.chunk_tokens = chunk_tokens
+        windows = windows or [0] * n_layers
+        # A window no smaller than the context is no window: such blocks keep everything.
+        ringed = [0 < w and w + ROLLBACK_SLACK < max_length for w in windows]
+        self.ring = max((w for w, r in zip(windows, ringed) if r), default=-ROLLBACK_SLACK) + ROLLBACK_SLACK
+        self.layers, counts = [], [0, 0]
+        for r in ringed:
+            self.layers.append((r, counts[r]))
+            counts[r] += 1
+        self.n_full, self.n_ringed = counts
         self.sessions: dict[str, SessionCache] = {}
         self.used_bytes = 0
 
+    def _token_bytes(self, layers: int) -> int:
+        return 2 * layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
     def bytes_for(self, capacity: int) -> int:
-        per_token = 2 * self.n_layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return capacity * per_token
+        """A session's bytes at ``capacity`` positions: its full blocks grow with it, its rings do not."""
+        return capacity * self._token_bytes(self.n_full) + 2 * self.ring * self._token_bytes(self.n_ringed)
 
     @property
     def free_bytes(self) -> int:
@@ -89,7 +156,7 @@ class KVCachePool:
                 f"KV cache budget exhausted: session {session} needs {extra} more bytes, "
                 f"{self.free_bytes} of {self.budget_bytes} free across {len(self.sessions)} sessions"
             )
-        shape = (self.n_layers, self.n_kv_heads, capacity, self.head_dim)
+        shape = (self.n_full, self.n_kv_heads, capacity, self.head_dim)
         k = torch.empty(shape, dtype=self.dtype, device=self.device)
         v = torch.empty(shape, dtype=self.dtype, device=self.device)
         if cache is not None:
@@ -97,7 +164,12 @@ class KVCachePool:
             v[:, :, :length] = cache.v[:, :, :length]
             cache.k, cache.v = k, v
         else:
-            cache = SessionCache(k, v)
+            rings = None, None
+            if self.n_ringed:
+                ring_shape = (self.n_ringed, self.n_kv_heads, 2 * self.ring, self.head_dim)
+                rings = (torch.empty(ring_shape, dtype=self.dtype, device=self.device),
+                         torch.empty(ring_shape, dtype=self.dtype, device=self.device))
+            cache = SessionCache(k, v, self.layers, *rings)
             self.sessions[session] = cache
         self.used_bytes += extra
         return cache
@@ -111,6 +183,10 @@ class KVCachePool:
             raise UnknownSession(session)
         if not 0 <= length <= cache.length:
             raise ValueError(f"cannot roll session {session} back to {length}: it holds {cache.length} positions")
+        # The window before ``length`` must not have been overwritten in the rings.
+        if cache.ring_k is not None and max(0, length - (self.ring - ROLLBACK_SLACK) + 1) < cache.high - cache.ring:
+            raise ValueError(f"cannot roll session {session} back to {length}: its sliding-window blocks keep "
+                             f"{ROLLBACK_SLACK} positions beyond their window and it reached {cache.high}")
         cache.length = length
 
     def fork(self, source: str, target: str) -> None:
@@ -122,7 +198,10 @@ class KVCachePool:
         dst = self.reserve(target, src.length)
         dst.k[:, :, : src.length] = src.k[:, :, : src.length]
         dst.v[:, :, : src.length] = src.v[:, :, : src.length]
-        dst.length = src.length
+        if src.ring_k is not None:
+            dst.ring_k.copy_(src.ring_k)
+            dst.ring_v.copy_(src.ring_v)
+        dst.length, dst.high = src.length, src.high
 
     def free(self, session: str) -> None:
         cache = self.sessions.pop(session, None)

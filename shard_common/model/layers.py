@@ -128,12 +128,10 @@ class Block(torch.nn.Module):
         offset = 0
         for s in seqs:
             n, end = s.n, s.start + s.n
-            kc, vc = s.cache.k[layer], s.cache.v[layer]
-            kc[:, s.start:end] = k[offset:offset + n].transpose(0, 1)
-            vc[:, s.start:end] = v[offset:offset + n].transpose(0, 1)
             # A sliding-window block sees the last ``window`` positions (itself included).
             first = max(0, end - self.window - n + 1) if self.window else 0
-            keys, values = kc[:, first:end], vc[:, first:end]
+            keys, values = s.cache.update(layer, s.start, k[offset:offset + n].transpose(0, 1),
+                                          v[offset:offset + n].transpose(0, 1), first)
             if n == 1:
                 # Decode: the g query heads sharing a KV head form a [hkv, g, hd] batch (a view,
                 # no copy), and plain matmuls beat SDPA's dispatch for one query row.

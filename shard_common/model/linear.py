@@ -3,11 +3,15 @@
 CPU: Q4_0/Q4_1/Q4_K run on torch's int4 weight-only kernel (group 32: the kernel computes
 (code - 8) * scale + zero, and every 4-bit format's code * scale + min equals that with
 zero = min + 8 * scale; Q4_K's scale is d * sc and its min -dmin * m per 32-value sub-block);
-Q5_0/Q5_1 as two such matmuls, the low nibbles and the fifth bit (a 0/1 plane worth 16 steps).
-The kernel keeps scales and zeros in bfloat16, so this is exact only up to their rounding (a
-fraction of a quantization step; tests/unit/test_int4_layers.py states the bound).
+Q5_0/Q5_1/Q5_K as two such matmuls, the low nibbles and the fifth bit (a 0/1 plane worth 16
+steps); Q6_K, whose scales cover 16 values, as one matmul over an input widened to twice its
+width (qtensor._q6_k_plane). The kernel keeps scales and zeros in bfloat16, so this is exact
+only up to their rounding (a fraction of a quantization step; tests/unit/test_int4_layers.py
+states the bound).
 Q8_0 runs on the int8 weight-only kernel after re-quantizing per row (that kernel has one
-scale per output row, GGML has one per 32 values: lossy too).
+scale per output row, GGML has one per 32 values: lossy too). The exact alternative, one int8
+matmul per 32-column group with that group's scales, measured as fast at batch 1 but 1.7x
+slower at batch 8 on the 262k-row Gemma 3 head (and its scales would be bfloat16 again).
 CUDA (compute capability 8.0 and newer): the same int4 formats on torch's CUDA int4 kernel
 (tinygemm: the same (code - 8) * scale + zero per group of 32, its own packing: two codes a byte,
 then ``_convert_weight_to_int4pack`` with 8 inner k-tiles, which needs K % 128 == 0 and N % 8 == 0).
@@ -24,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from .qtensor import QTensor, split_int4_planes
+from .qtensor import WIDENED_INPUT_TYPES, QTensor, split_int4_planes
 from .runtime import cuda_int4_supported
 
 log = logging.getLogger(__name__)
 
-INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1)
+INT4_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, *INT4_TYPES)
 _warned: set = set()
 
@@ -62,20 +66,30 @@ def int4_fits(device: torch.device, rows: int, cols: int) -> bool:
     return cols % 32 == 0
 
 
-class Int4Linear(torch.nn.Module):
-    """One int4 matmul per plane (4-bit types have one, 5-bit types two), summed."""
+def widen_input(x: torch.Tensor) -> torch.Tensor:
+    """[T, K] -> [T, 2K]: each 16 values followed by 4 times them (the input of a Q6_K plane)."""
+    groups = x.reshape(x.shape[0], -1, 16)
+    return torch.cat([groups, groups * 4], dim=2).reshape(x.shape[0], -1)
 
-    def __init__(self, planes: list[tuple[torch.Tensor, torch.Tensor]], out_features: int, bias: torch.Tensor | None):
+
+class Int4Linear(torch.nn.Module):
+    """One int4 matmul per plane (4-bit types and Q6_K have one, 5-bit types two), summed."""
+
+    def __init__(self, planes: list[tuple[torch.Tensor, torch.Tensor]], out_features: int, bias: torch.Tensor | None,
+                 widened: bool = False):
         super().__init__()
         self.planes = planes  # (packed codes, scales and zeros) each
         self.out_features = out_features
         self.bias = bias
+        self.widened = widened
         on_cuda = planes[0][0].device.type == "cuda"
         self.matmul = torch._weight_int4pack_mm if on_cuda else torch._weight_int4pack_mm_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if self.widened:
+            flat = widen_input(flat)
         y = None
         for packed, scales_zeros in self.planes:
             part = self.matmul(flat, packed, 32, scales_zeros)
@@ -133,13 +147,15 @@ def make_linear(
     int4_ok = quant_ok and (on_cpu or cuda_int4_supported(device))
     if quant_ok and not int4_ok and weight.qtype in INT4_TYPES:
         warn_once(("old-gpu", str(device)), "int4 weights run dense on %s (compute capability below 8.0: no int4 kernel)", device)
-    if int4_ok and weight.qtype in INT4_TYPES and len(weight.shape) == 2 and int4_fits(device, *weight.shape):
+    widened = weight.qtype in WIDENED_INPUT_TYPES
+    if (int4_ok and weight.qtype in INT4_TYPES and len(weight.shape) == 2
+            and int4_fits(device, weight.rows, weight.shape[1] * (2 if widened else 1))):
         planes = []
         for codes, d, m in split_int4_planes(weight):
             zero = m + 8.0 * d
             scales_zeros = torch.stack([d.t(), zero.t()], dim=-1).to(device=device, dtype=torch.bfloat16).contiguous()
             planes.append((pack_int4(codes, device), scales_zeros))
-        return Int4Linear(planes, weight.rows, b)
+        return Int4Linear(planes, weight.rows, b, widened)
     if quant_ok and not on_cpu and weight.qtype == QT.Q8_0:
         warn_once(("q8-cuda", str(device)), "Q8_0 weights run dense in bf16 on %s (torch has no CUDA int8 weight-only kernel)", device)
     if quant_ok and on_cpu and weight.qtype == QT.Q8_0:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
 from gguf import quants as gguf_quants
 
 DENSE_TYPES = {QT.F32: np.float32, QT.F16: np.float16}
@@ -86,11 +86,16 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+# Types whose planes act on the input widened per 16 values: x_16, then 4 * x_16 (see _q6_k_plane).
+WIDENED_INPUT_TYPES = (QT.Q6_K,)
+
+
 def split_int4_planes(t: QTensor) -> list[Plane]:
-    """Rows of a 4- or 5-bit type as 4-bit planes (codes int32 [N, K] in 0..15, scale [N, K/32],
-    min [N, K/32]) whose sum is the weight exactly (in float32): w = sum(codes * scale + min)
-    per group of 32. 4-bit types are one plane; 5-bit types two: the low nibbles, and the fifth
-    bit as a 0/1 plane worth 16 steps."""
+    """Rows of a 4-, 5- or 6-bit type as 4-bit planes (codes int32 [N, K'] in 0..15, scale
+    [N, K'/32], min [N, K'/32]) whose sum is the weight exactly (in float32): w = sum(codes *
+    scale + min) per group of 32. 4-bit types are one plane; 5-bit types two: the low nibbles, and
+    the fifth bit as a 0/1 plane worth 16 steps. Q6_K is one plane over a widened input
+    (K' = 2K, ``WIDENED_INPUT_TYPES``)."""
     n, k = t.shape
     if t.qtype in (QT.Q5_0, QT.Q5_1):
         groups = k // 32
@@ -103,9 +108,51 @@ def split_int4_planes(t: QTensor) -> list[Plane]:
         qs = blocks[:, :, head + 4:width]
         low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, k).astype(np.int32)
         bits = ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, k).astype(np.int32)
-        return [(torch.from_numpy(low), torch.from_numpy(d), torch.from_numpy(m)),
-                (torch.from_numpy(bits), torch.from_numpy(16.0 * d), torch.zeros(n, groups))]
+        return _five_bit_planes(low, bits, d, m)
+    if t.qtype == QT.Q5_K:
+        # 256 values a block: d, dmin (f16), 12 bytes of sub-block scales and mins packed as in
+        # Q4_K, 32 bytes of fifth bits (bit j of byte i: element 32*j + i), 128 bytes of nibbles
+        # (as in Q4_K: per 64-value chunk, low nibbles first, then high nibbles).
+        blocks = t.data.reshape(n, k // 256, 176)
+        d, dmin = _f16(blocks[:, :, 0:2]), _f16(blocks[:, :, 2:4])
+        sc, mn = _q4_k_scales_mins(blocks[:, :, 4:16])
+        qh = blocks[:, :, 16:48]
+        qs = blocks[:, :, 48:176].reshape(n, k // 256, 4, 32)
+        low = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k).astype(np.int32)
+        bits = ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(n, k).astype(np.int32)
+        scale = (d[..., None] * sc).reshape(n, k // 32).astype(np.float32)
+        minimum = (-dmin[..., None] * mn).reshape(n, k // 32).astype(np.float32)
+        return _five_bit_planes(low, bits, scale, minimum)
+    if t.qtype == QT.Q6_K:
+        return [_q6_k_plane(t)]
     return [split_q4_blocks(t)]
+
+
+def _five_bit_planes(low: np.ndarray, bits: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> list[Plane]:
+    return [(torch.from_numpy(low), torch.from_numpy(scale), torch.from_numpy(minimum)),
+            (torch.from_numpy(bits), torch.from_numpy(16.0 * scale), torch.zeros(scale.shape))]
+
+
+def _q6_k_plane(t: QTensor) -> Plane:
+    """Q6_K as one int4 plane over a widened input. Its values are d * sc * (q - 32) with a scale
+    per 16 values, and the int4 kernel wants one per 32: so each 16-value group becomes 32
+    columns, its low nibbles (against x) and 4 * hi + 2 for its top two bits (against 4 * x),
+    sharing the group's scale S = d * sc and min -8 * S:
+    (lo - 8) * S * x + (4 * hi + 2 - 8) * S * 4x = (lo + 16 * hi - 32) * S * x, exactly.
+    The cost: 8 bits a weight (the file has 6.56) and a matmul twice as wide."""
+    n, k = t.shape
+    nb = k // 256
+    # 210 bytes a block: 128 of low nibbles (per 128-value half: low nibbles of 64 bytes, then
+    # their high nibbles), 64 of 2-bit tops (per half: 4 shifts of 32 bytes), 16 int8 scales, d.
+    blocks = t.data.reshape(n, nb, 210)
+    ql = blocks[:, :, 0:128].reshape(n, nb, 2, 1, 64)
+    low = ((ql >> np.array([0, 4], dtype=np.uint8)[:, None]) & 0x0F).reshape(n, k // 16, 16)
+    qh = blocks[:, :, 128:192].reshape(n, nb, 2, 1, 32)
+    high = ((qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3).reshape(n, k // 16, 16)
+    sc = blocks[:, :, 192:208].copy().view(np.int8).astype(np.float32)
+    scale = (_f16(blocks[:, :, 208:210])[..., None] * sc).reshape(n, k // 16)
+    codes = np.concatenate([low, 4 * high + 2], axis=2).reshape(n, 2 * k).astype(np.int32)
+    return torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(-8.0 * scale)
 
 
 def split_q4_blocks(t: QTensor) -> Plane:

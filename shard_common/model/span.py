@@ -10,6 +10,7 @@ import torch
 from .config import ModelConfig
 from .kv_cache import KVCachePool
 from .layers import Block, RotaryTable, SeqSlice
+from .memory import release_after_build
 from .runtime import Runtime
 from .weights import ModelWeights
 
@@ -38,15 +39,17 @@ class Span:
         self.config: ModelConfig = config
         self.start, self.end = start, end
         self.runtime = runtime
+        stored = [weights.block(i) for i in range(start, end)]
         self.blocks = [
-            Block(config, weights.block(i), runtime.device, runtime.dtype, runtime.dense, i) for i in range(start, end)
+            Block(config, tensors, runtime.device, runtime.dtype, runtime.dense, i) for i, tensors in zip(range(start, end), stored)
         ]
+        release_after_build(t for tensors in stored for t in tensors.values())
         # One table per RoPE base (Gemma 3's sliding blocks use another base than its global ones).
         self.ropes = {base: RotaryTable(config.head_dim, base, config.context_length, runtime.dtype, runtime.device)
                       for base in {block.rope_base for block in self.blocks}}
         self.kv = KVCachePool(
             end - start, config.n_kv_heads, config.head_dim, runtime.kv_dtype, runtime.device,
-            budget_bytes=kv_budget_bytes, max_length=config.context_length,
+            budget_bytes=kv_budget_bytes, max_length=config.context_length, windows=[b.window for b in self.blocks],
         )
 
     @torch.inference_mode()

@@ -163,7 +163,8 @@ class P2PNode:
         from libp2p.crypto.keys import KeyPair
         from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
         from libp2p.network.config import ConnectionConfig
-        from libp2p.security.noise.transport import PROTOCOL_ID as NOISE, Transport as Noise
+        from libp2p.security.noise.transport import PROTOCOL_ID as NOISE
+        from libp2p.security.noise.transport import Transport as Noise
 
         private = Ed25519PrivateKey.from_bytes(self.identity.private_bytes())
         key_pair = KeyPair(private, private.get_public_key())

@@ -1,4 +1,4 @@
-"""4- and 5-bit GGML rows on the int4 weight-only kernel: the decoded codes, scales and mins reproduce
+"""4-, 5- and 6-bit GGML rows on the int4 weight-only kernel: the decoded codes, scales and mins reproduce
 gguf's own dequantization exactly, and the layer's output matches a dense matmul over that
 dequantization within the kernel's bfloat16 scales and activations."""
 
@@ -11,38 +11,54 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from shard_common.model.linear import Int4Linear, make_linear
-from shard_common.model.qtensor import QTensor, split_int4_planes
+from shard_common.model.qtensor import WIDENED_INPUT_TYPES, QTensor, split_int4_planes
 
 ROWS, COLS = 64, 512
 
 
-def random_q4_k(rng: np.random.Generator) -> QTensor:
-    """Valid Q4_K rows: random nibbles and packed 6-bit scales, small positive d and dmin."""
-    blocks = rng.integers(0, 256, size=(ROWS, COLS // 256, 144), dtype=np.uint8)
-    for offset, top in ((0, 0.004), (2, 0.004)):
-        values = (rng.random((ROWS, COLS // 256)) * top).astype(np.float16)
+# K-quant blocks: bytes per 256 values, and where their f16 super-block scales sit.
+K_QUANTS = {QT.Q4_K: (144, (0, 2)), QT.Q5_K: (176, (0, 2)), QT.Q6_K: (210, (208,))}
+
+
+def random_k_quant(qtype: QT, rng: np.random.Generator) -> QTensor:
+    """Valid K-quant rows: random codes and packed sub-block scales, small positive f16 scales."""
+    width, scale_offsets = K_QUANTS[qtype]
+    blocks = rng.integers(0, 256, size=(ROWS, COLS // 256, width), dtype=np.uint8)
+    for offset in scale_offsets:
+        values = (rng.random((ROWS, COLS // 256)) * 0.004).astype(np.float16)
         blocks[:, :, offset:offset + 2] = values[..., None].view(np.uint8).reshape(ROWS, COLS // 256, 2)
-    return QTensor(QT.Q4_K, (ROWS, COLS), blocks.reshape(ROWS, -1))
+    return QTensor(qtype, (ROWS, COLS), blocks.reshape(ROWS, -1))
 
 
 def weights(qtype: QT, rng: np.random.Generator) -> QTensor:
-    if qtype == QT.Q4_K:
-        return random_q4_k(rng)  # gguf can dequantize Q4_K but not write it
+    if qtype in K_QUANTS:
+        return random_k_quant(qtype, rng)  # gguf can dequantize K-quants but not write them
     return QTensor.from_dense(torch.from_numpy(rng.standard_normal((ROWS, COLS)).astype(np.float32)) * 0.05, qtype)
 
 
-TYPES = [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1]
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K]
+
+
+def planes_as_dense(qtype: QT, planes) -> torch.Tensor:
+    """The weight the planes compute, in float64: a widened plane's column pairs fold back
+    (the low half against x, the high half against 4 * x)."""
+    out = None
+    for codes, scale, minimum in planes:
+        assert codes.min() >= 0 and codes.max() <= 15
+        values = (codes.reshape(ROWS, -1, 32).double() * scale[..., None].double() + minimum[..., None].double())
+        if qtype in WIDENED_INPUT_TYPES:
+            values = values[..., :16] + 4 * values[..., 16:]
+        values = values.reshape(ROWS, COLS)
+        out = values if out is None else out + values
+    return out
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_decoded_blocks_are_gguf_dequantization_exactly(qtype):
     w = weights(qtype, np.random.default_rng(1))
     planes = split_int4_planes(w)
-    assert len(planes) == (2 if qtype in (QT.Q5_0, QT.Q5_1) else 1)
-    ours = torch.zeros(ROWS, COLS, dtype=torch.float64)
-    for codes, scale, minimum in planes:
-        assert codes.min() >= 0 and codes.max() <= 15
-        ours += (codes.reshape(ROWS, -1, 32).double() * scale[..., None].double() + minimum[..., None].double()).reshape(ROWS, COLS)
+    assert len(planes) == (2 if qtype in (QT.Q5_0, QT.Q5_1, QT.Q5_K) else 1)
+    ours = planes_as_dense(qtype, planes)
     reference = quants.dequantize(w.data, qtype).reshape(ROWS, COLS)
     assert np.array_equal(ours.float().numpy(), reference.astype(np.float32))
 

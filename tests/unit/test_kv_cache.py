@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shard_common.model.kv_cache import KVBudgetExceeded, KVCachePool, UnknownSession
+from shard_common.model.kv_cache import ROLLBACK_SLACK, KVBudgetExceeded, KVCachePool, UnknownSession
 
 
 def pool(budget_tokens=1024, max_length=4096, chunk=16):
@@ -68,3 +68,52 @@ def test_expire_idle():
     p.reserve("b", 1).last_used = 100.0
     assert p.expire_idle(now=110.0, idle_seconds=50) == ["a"]
     assert list(p.sessions) == ["b"]
+
+
+def ring_pool(window=4, max_length=4096):
+    """Block 0 attends fully, block 1 through a sliding window."""
+    return KVCachePool(2, 1, 2, torch.float32, torch.device("cpu"), budget_bytes=1 << 30, max_length=max_length,
+                       chunk_tokens=16, windows=[0, window])
+
+
+def feed(p, session, reference, start, n, window=4):
+    """Positions start..start+n through both blocks; checks what attention gets against ``reference``
+    (every position's true key, as a full cache would hold it)."""
+    c = p.reserve(session, n)
+    end = start + n
+    new = torch.randn(1, n, 2)
+    reference[start:end] = new[0]
+    for layer, w in ((0, 0), (1, window)):
+        first = max(0, end - w - n + 1) if w else 0
+        keys, values = c.update(layer, start, new, new * 2, first)
+        assert torch.equal(keys[0], reference[first:end]) and torch.equal(values[0], 2 * reference[first:end])
+    c.length = end
+
+
+def test_a_sliding_window_block_keeps_a_ring_and_attention_sees_its_window():
+    p = ring_pool()
+    assert p.ring == 4 + ROLLBACK_SLACK
+    reference = torch.zeros(2000, 2)
+    position = 0
+    for n in (3, 1, 1, 70, 1, 200, 1, 1, 5, 1):  # a chunk longer than the ring, decode steps, small verifies
+        feed(p, "a", reference, position, n)
+        position += n
+    c = p.sessions["a"]
+    assert c.ring_k.shape[2] == 2 * p.ring and c.capacity >= position
+    # A session of any length costs its full blocks per position plus a fixed ring.
+    assert c.nbytes == p.bytes_for(c.capacity) < 2 * p.bytes_for(c.capacity // 2)
+
+
+def test_ring_rollbacks_within_the_slack_work_and_deeper_ones_are_refused():
+    p = ring_pool()
+    reference = torch.zeros(2000, 2)
+    feed(p, "a", reference, 0, 300)
+    p.rollback("a", 300 - 8)  # a rejected draft
+    feed(p, "a", reference, 292, 4)
+    feed(p, "a", reference, 296, 1)
+    with pytest.raises(ValueError, match="sliding-window"):
+        p.rollback("a", 200)
+    assert p.length("a") == 297  # refused without a change
+    p.fork("a", "b")
+    feed(p, "b", reference.clone(), 297, 3)
+    feed(p, "a", reference, 297, 2)

@@ -175,7 +175,8 @@ class KVCachePool:
         return cache
 
     def rollback(self, session: str, length: int) -> None:
-        """Forget every position at or after ``length`` (rejected draft tokens, replays)."""
+        """Forget every position at or after ``length`` (rejected draft tokens, replays), or the
+        whole session where its sliding-window rings cannot go back that far."""
         cache = self.sessions.get(session)
         if cache is None:
             if length == 0:
@@ -183,10 +184,12 @@ class KVCachePool:
             raise UnknownSession(session)
         if not 0 <= length <= cache.length:
             raise ValueError(f"cannot roll session {session} back to {length}: it holds {cache.length} positions")
-        # The window before ``length`` must not have been overwritten in the rings.
         if cache.ring_k is not None and max(0, length - (self.ring - ROLLBACK_SLACK) + 1) < cache.high - cache.ring:
-            raise ValueError(f"cannot roll session {session} back to {length}: its sliding-window blocks keep "
-                             f"{ROLLBACK_SLACK} positions beyond their window and it reached {cache.high}")
+            # The rings no longer hold the window before ``length`` (a rollback deeper than the
+            # slack): forget the whole session. Its next forward from ``length`` is out of step,
+            # a clear error the Oracle answers by replaying the session from its history.
+            self.free(session)
+            return
         cache.length = length
 
     def fork(self, source: str, target: str) -> None:

@@ -32,7 +32,7 @@ def timed(fn, repeat: int = 3) -> float:
 
 
 def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = "cpu", quantize: str | None = None,
-                batches: tuple[int, ...] = (8,)) -> dict:
+                batches: tuple[int, ...] = (8,), profile_ops: bool = False) -> dict:
     import torch
 
     from shard_common.model.ends import ModelEnds
@@ -95,11 +95,43 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
         return verify, singles
 
     verify, singles = min((verify_vs_steps() for _ in range(3)), key=lambda x: x[0])
+    profile = [profile_decode(span, ends, prompt[:32], min(new_tokens, 32), b) for b in (1, max(batches))] if profile_ops else None
     return {
         "backend": f"shard-{backend}", "device": str(runtime.device), "threads": torch.get_num_threads(),
         "prefill_tok_s": PROMPT_TOKENS / t_prefill, "decode_b1_tok_s": b1, **batched,
         "verify5_ms": verify * 1000, "five_steps_ms": singles * 1000, "memory_mb": memory, "rss_mb": rss_mb(),
         **({"gpu_weights_mb": gpu_weights_mb, "gpu_peak_mb": torch.cuda.max_memory_allocated(runtime.device) / 2**20} if on_gpu else {}),
+        **({"profile": profile} if profile else {}),
+    }
+
+
+def profile_decode(span, ends, prompt: list[int], steps: int, batch: int) -> dict:
+    """Decode of ``batch`` sessions under the torch profiler: ops per step and where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shard_common.model.span import SpanRequest
+
+    sessions = [f"prof{i}" for i in range(batch)]
+    for s in sessions:
+        span.forward(ends.embed(prompt), [SpanRequest(s, 0, len(prompt))])
+    tokens = [prompt[-1]] * batch
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for step in range(steps):
+            reqs = [SpanRequest(s, len(prompt) + step, 1) for s in sessions]
+            tokens = ends.logits(span.forward(ends.embed(tokens), reqs)).argmax(-1).tolist()
+        elapsed = time.perf_counter() - t
+    for s in sessions:
+        span.free(s)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total_self = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "batch": batch,
+        "ms_per_step": elapsed * 1000 / steps,  # under the profiler, which adds its own cost per op
+        "aten_ops_per_step": sum(e.count for e in events) / steps,
+        "top": [{"op": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                 "share": e.self_cpu_time_total / max(total_self, 1)} for e in ops[:15]],
     }
 
 
@@ -141,7 +173,8 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     result = (bench_llama_cpp(args.threads, args.new_tokens, args.model) if args.child == "llama.cpp"
-              else bench_shard(args.child, args.new_tokens, args.model, args.device, args.quantize, tuple(args.batches)))
+              else bench_shard(args.child, args.new_tokens, args.model, args.device, args.quantize, tuple(args.batches),
+                               args.profile and args.child == "quant"))
     print(json.dumps(result))
 
 
@@ -154,6 +187,8 @@ def main() -> None:
     parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"], help="quantize a Hugging Face folder at load")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes beside 1 (default 8; 8 32 on cuda)")
     parser.add_argument("--name", default="engine", help="results file name under bench/results")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile decode of the quant backend at batch 1 and the largest --batches: aten ops per step and the top ops by time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.batches = args.batches or ([8, 32] if args.device.startswith("cuda") else [8])
@@ -177,7 +212,7 @@ def main() -> None:
     rows = []
     for b in backends:
         out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                              "--device", args.device, "--batches", *map(str, args.batches),
+                              "--device", args.device, "--batches", *map(str, args.batches), *(["--profile"] if args.profile else []),
                               *(["--model", args.model] if args.model else []), *(["--quantize", args.quantize] if args.quantize else [])],
                              capture_output=True, text=True)
         if out.returncode:
@@ -193,6 +228,11 @@ def main() -> None:
     print_table(rows, ["backend", "device", "threads", "prefill_tok_s", "decode_b1_tok_s", *(f"decode_b{b}_tok_s" for b in args.batches),
                        "verify5_ms", "five_steps_ms", "memory_mb", "memory_vs_file", "gpu_weights_mb", "gpu_peak_mb",
                        *(["b1_vs_" + ref["backend"]] if ref else [])])
+    for r in rows:
+        for p in r.get("profile", []):
+            print(f"\n{r['backend']}: decode of {p['batch']} under the profiler, {p['ms_per_step']:.2f} ms/step, "
+                  f"{p['aten_ops_per_step']:.0f} aten ops/step")
+            print_table(p["top"], ["op", "calls_per_step", "self_ms_per_step", "share"])
     print("wrote", write_json(args.name, {"model": str(path), "file_mb": file_mb, "prompt_tokens": PROMPT_TOKENS, "device": args.device,
                                           "new_tokens": args.new_tokens, "results": rows}))
 

@@ -549,6 +549,8 @@ class SpeculationStatus(Schema):
     emitted: int  # tokens produced by verification passes
     acceptance_rate: float | None
     tokens_per_pass: float | None
+    # Per drafter: a draft Scout's failures, drafts requested ahead of their step and those used.
+    drafter_stats: dict[str, dict[str, int]] = {}
 
 
 class DataPlaneStatus(Schema):

@@ -173,7 +173,8 @@ class Engine:
         self.pipeline.free(seq.session)
 
     def speculation_status(self) -> dict:
-        return {"mode": self.speculative, "drafters": sorted(self.drafters), **self.speculation.as_dict()}
+        return {"mode": self.speculative, "drafters": sorted(self.drafters), **self.speculation.as_dict(),
+                "drafter_stats": {name: d.stats() for name, d in sorted(self.drafters.items())}}
 
     def generate(self, seqs: list[Sequence]):
         """Run sequences to the end, yielding (sequence, event) as tokens come."""

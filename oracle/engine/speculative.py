@@ -38,6 +38,9 @@ class Drafter(Protocol):
     def release(self, session: str) -> None:
         """The session finished: forget it."""
 
+    def stats(self) -> dict:
+        """Counters for the cluster status."""
+
 
 class NgramDrafter:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens
@@ -54,6 +57,9 @@ class NgramDrafter:
 
     def release(self, session: str) -> None:
         pass
+
+    def stats(self) -> dict:
+        return {}
 
     def propose(self, session: str, tokens: list[int], k: int, params: SamplingParams | None = None) -> Draft | None:
         return self.lookup(tokens, k)

@@ -48,6 +48,9 @@ def test_draft_scout_speculation_gives_the_plain_greedy_output(swarm, model_id):
     passes, emitted = after["passes"] - before["passes"], after["emitted"] - before["emitted"]
     # The draft Scout runs the same model: nearly every drafted token is accepted.
     assert drafted > 20 and accepted / drafted > 0.7 and emitted / passes > 2.5
+    # ... so its guess of the Oracle's next token comes true and drafts requested ahead get used.
+    ahead = after["drafter_stats"]["scout"]
+    assert ahead["ahead_used"] > 0 and ahead["ahead_used"] <= ahead["drafted_ahead"] and ahead["failures"] == 0
 
 
 def test_sampled_requests_speculate_with_the_drafters_distribution(swarm, model_id):

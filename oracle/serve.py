@@ -198,7 +198,7 @@ def serve(args: argparse.Namespace) -> int:
         async def connect_storage(_: web.Application) -> None:
             await storage.connect(state, args, redis_url)
             if swarm is not None and swarm.taint is not None and state.completions is not None:
-                marker.append(storage.TaintMarker(swarm.taint, state.completions))
+                marker.append(storage.TaintMarker(swarm.taint, state.completions, state.responses))
                 marker[0].start()
 
         async def close_storage(_: web.Application) -> None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from .errors import bad_request, not_supported
-from .schemas import ChatCompletionRequest, ChatMessage, Schema, check_metadata
+from .schemas import ChatCompletionRequest, ChatMessage, Schema, TaintMark, check_metadata
 
 BUILTIN_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "code_interpreter", "image_generation",
                  "mcp", "local_shell", "custom")
@@ -208,6 +208,10 @@ class ResponseObject(Schema):
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool = True
     user: str | None = None
+
+
+class StoredResponse(ResponseObject):
+    tainted_by: list[TaintMark] | None = None  # Shard: Scouts that computed it and later failed a check
 
 
 class ResponseDeleted(Schema):

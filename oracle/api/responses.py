@@ -20,7 +20,7 @@ from oracle.engine.sequence import Sequence
 from .errors import APIError
 from .generation import job_events, make_sequences, run_to_end, submit
 from .response_schemas import (
-    InputItemList, ResponseDeleted, ResponseObject, ResponseRequest, ResponseUsage, items_to_messages, new_id,
+    InputItemList, ResponseDeleted, ResponseObject, ResponseRequest, ResponseUsage, StoredResponse, items_to_messages, new_id,
 )
 from .routes import (
     PreparedChat, check_model, page_params, parse, prepare_chat, reserve_tokens, settle_tokens, start_sse, token_budget,
@@ -126,21 +126,27 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return await stream_response(request, state, job, seq, builder, record, reserved)
     await run_to_end(job, request, state.scheduler, state.metrics)
     body = builder.final(seq)
-    await finish_response(request, req, body, record, reserved)
+    await finish_response(request, req, body, record, reserved, seq)
     return web.json_response(text=body.model_dump_json())
 
 
-async def finish_response(request: web.Request, req: ResponseRequest, body: ResponseObject, record: dict, reserved: int) -> None:
+async def finish_response(request: web.Request, req: ResponseRequest, body: ResponseObject, record: dict, reserved: int,
+                          seq: Sequence) -> None:
     """Settle the token reservation; store the response unless ``store: false`` or disabled."""
     state = request.app[STATE]
     await settle_tokens(request, reserved, body.usage.total_tokens if body.usage else reserved)
     wants_store = state.store_by_default if req.store is None else req.store
     if state.responses is None or not wants_store:
         return
-    await state.responses.save({
+    stored = {
         "id": body.id, "owner": request["key"].id, "created_ms": int(time.time() * 1000), "response": body.model_dump(),
         "items": record["items"], "conversation": record["conversation"], "metadata": body.metadata,
-    })
+    }
+    # Marked if a Scout that computed it has since failed a check, and labelled so a later failure marks it.
+    taint = state.swarm.taint if state.swarm is not None else None
+    if taint is not None and (marks := taint.label([seq.session], body.id)):
+        stored["tainted_by"] = marks
+    await state.responses.save(stored)
 
 
 class EventStream:
@@ -236,7 +242,7 @@ async def stream_response(request, state: OracleState, job, seq: Sequence, build
             await close_message()
         final = builder.final(seq)
         # Stored before the last event, so a client that retrieves it right after finds it.
-        await finish_response(request, builder.req, final, record, reserved)
+        await finish_response(request, builder.req, final, record, reserved, seq)
         await events.emit("response.completed" if final.status == "completed" else "response.incomplete", response=final.model_dump())
     except APIError as e:
         error = {"code": e.code, "message": e.message}
@@ -249,7 +255,7 @@ async def stream_response(request, state: OracleState, job, seq: Sequence, build
 
 async def get_response(request: web.Request) -> web.Response:
     record = await _stored(request)
-    return web.json_response(text=ResponseObject(**record["response"]).model_dump_json())
+    return web.json_response(text=StoredResponse(**record["response"], tainted_by=record.get("tainted_by")).model_dump_json())
 
 
 async def delete_response(request: web.Request) -> web.Response:

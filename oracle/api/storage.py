@@ -78,12 +78,15 @@ async def connect(state: OracleState, args: argparse.Namespace, redis_url: str) 
 
 
 class TaintMarker:
-    """Marks stored completions that a Scout which later failed a check had computed (the trust
-    package names them; this writes the marks, retrying while Redis is away)."""
+    """Marks stored chat completions and responses that a Scout which later failed a check had
+    computed (the trust package names them by id; this writes the marks into the store the id
+    belongs to, retrying while Redis is away)."""
 
-    def __init__(self, taint: TaintLedger, store: CompletionStore, interval_seconds: float = 1.0):
+    def __init__(self, taint: TaintLedger, completions: CompletionStore, responses: CompletionStore | None = None,
+                 interval_seconds: float = 1.0):
         self.taint = taint
-        self.store = store
+        self.completions = completions
+        self.responses = responses
         self.interval = interval_seconds
         self._waiting: list[tuple[str, dict]] = []
         self._task: asyncio.Task | None = None
@@ -102,7 +105,8 @@ class TaintMarker:
             while self._waiting:
                 ident, mark = self._waiting[0]
                 try:
-                    await self.store.mark_tainted(ident, mark)
+                    store = self.responses if self.responses is not None and ident.startswith("resp_") else self.completions
+                    await store.mark_tainted(ident, mark)
                 except (RedisError, OSError) as e:
                     log.warning("could not mark completion %s as tainted yet (Redis: %s)", ident, e)
                     break

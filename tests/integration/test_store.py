@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -228,3 +229,35 @@ def test_redis_outage_loses_no_completion(two_oracles, shared_redis, model_id):
     while shared_redis.client().get(f"shard:cmpl:{made.id}") is None and time.monotonic() < deadline:
         time.sleep(0.3)
     assert client(b.url, key).chat.completions.retrieve(made.id).choices[0].message.content == made.choices[0].message.content
+
+
+def test_taint_marks_reach_stored_completions_and_responses(shared_redis, tmp_path):
+    """A Scout fails a check after it served a chat completion and a response: both stored
+    objects get ``tainted_by``, each in its own store (real Redis, the real ledger and marker)."""
+    from oracle.api.storage import TaintMarker
+    from oracle.store.completions import CompletionStore
+    from oracle.store.redis_server import async_client
+    from oracle.trust.taint import TaintLedger
+
+    async def scenario() -> tuple[dict, dict]:
+        client = async_client(shared_redis.url)
+        completions = CompletionStore(client, "taint-test:", 60, journal=tmp_path / "c.jsonl")
+        responses = CompletionStore(client, "taint-test:", 60, journal=tmp_path / "r.jsonl", kind="resp")
+        ledger = TaintLedger()
+        ledger.served("liar", ["s-chat", "s-resp"])
+        for ident, store, session in (("chatcmpl-1", completions, "s-chat"), ("resp_1", responses, "s-resp")):
+            assert ledger.label([session], ident) == []  # stored clean: nothing known yet
+            await store.save({"id": ident, "owner": "k", "created_ms": 1, "completion": {}})
+        ledger.quarantined("liar", "failed a golden ticket")
+        marker = TaintMarker(ledger, completions, responses, interval_seconds=0.05)
+        marker.start()
+        await asyncio.sleep(0.5)
+        await marker.close()
+        out = await completions.get("chatcmpl-1", None), await responses.get("resp_1", None)
+        await client.aclose()
+        return out
+
+    chat, response = asyncio.run(scenario())
+    for record in (chat, response):
+        assert [m["peer_id"] for m in record["tainted_by"]] == ["liar"]
+        assert record["tainted_by"][0]["reason"] == "failed a golden ticket"

@@ -27,13 +27,16 @@ class SessionCache:
     Sliding-window blocks keep only their last ``ring`` positions, each stored twice (buffer
     index i holds position p with p % ring == i % ring, at i and i + ring) so that any
     ``ring`` consecutive positions are one contiguous slice: attention reads a view, never a
-    gathered copy. ``high`` is the highest position ever written to the ring plus one."""
+    gathered copy. Until a session outgrows ``ring`` positions its ring buffers grow with it
+    like the full ones (nothing wraps yet, no second copy): a short chat costs no more than
+    before. ``high`` is the highest position ever written to the ring plus one."""
 
     k: torch.Tensor
     v: torch.Tensor
     layers: list[tuple[bool, int]]  # per span block: (in the ring?, index in its store)
-    ring_k: torch.Tensor | None = None  # [n_sliding, n_kv_heads, 2 * ring, head_dim]
+    ring_k: torch.Tensor | None = None  # [n_sliding, n_kv_heads, up to 2 * ring, head_dim]
     ring_v: torch.Tensor | None = None
+    ring: int = 0
     length: int = 0
     high: int = 0
     last_used: float = field(default=0.0)
@@ -41,10 +44,6 @@ class SessionCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def ring(self) -> int:
-        return self.ring_k.shape[2] // 2 if self.ring_k is not None else 0
 
     @property
     def nbytes(self) -> int:
@@ -77,11 +76,12 @@ class SessionCache:
     def _ring_write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         ring, n = self.ring, k.shape[1]
         at = start % ring
+        wrapping = self.ring_k.shape[2] == 2 * ring  # else every position so far is below ``ring``: one copy
         for store, new in ((self.ring_k, k), (self.ring_v, v)):
             store[i, :, at:at + n] = new
-            if at < ring:  # the part in the first copy, mirrored into the second
+            if wrapping and at < ring:  # the part in the first copy, mirrored into the second
                 store[i, :, ring + at:ring + min(at + n, ring)] = new[:, :ring - at]
-            if at + n > ring:  # the part that ran into the second copy, mirrored into the first
+            if wrapping and at + n > ring:  # the part that ran into the second copy, mirrored into the first
                 store[i, :, :at + n - ring] = new[:, ring - at:]
         self.high = max(self.high, start + n)
 
@@ -127,9 +127,13 @@ class KVCachePool:
     def _token_bytes(self, layers: int) -> int:
         return 2 * layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
+    def _ring_positions(self, capacity: int) -> int:
+        return capacity if capacity <= self.ring else 2 * self.ring
+
     def bytes_for(self, capacity: int) -> int:
-        """A session's bytes at ``capacity`` positions: its full blocks grow with it, its rings do not."""
-        return capacity * self._token_bytes(self.n_full) + 2 * self.ring * self._token_bytes(self.n_ringed)
+        """A session's bytes at ``capacity`` positions: its full blocks grow with it, its rings
+        up to twice their size and no further."""
+        return capacity * self._token_bytes(self.n_full) + self._ring_positions(capacity) * self._token_bytes(self.n_ringed)
 
     @property
     def free_bytes(self) -> int:
@@ -159,20 +163,33 @@ class KVCachePool:
         shape = (self.n_full, self.n_kv_heads, capacity, self.head_dim)
         k = torch.empty(shape, dtype=self.dtype, device=self.device)
         v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        rings = self._grown_rings(cache, capacity)
         if cache is not None:
             k[:, :, :length] = cache.k[:, :, :length]
             v[:, :, :length] = cache.v[:, :, :length]
             cache.k, cache.v = k, v
+            cache.ring_k, cache.ring_v = rings
         else:
-            rings = None, None
-            if self.n_ringed:
-                ring_shape = (self.n_ringed, self.n_kv_heads, 2 * self.ring, self.head_dim)
-                rings = (torch.empty(ring_shape, dtype=self.dtype, device=self.device),
-                         torch.empty(ring_shape, dtype=self.dtype, device=self.device))
-            cache = SessionCache(k, v, self.layers, *rings)
+            cache = SessionCache(k, v, self.layers, *rings, ring=self.ring)
             self.sessions[session] = cache
         self.used_bytes += extra
         return cache
+
+    def _grown_rings(self, cache: SessionCache | None, capacity: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.n_ringed:
+            return None, None
+        size = self._ring_positions(capacity)
+        if cache is not None and cache.ring_k.shape[2] == size:
+            return cache.ring_k, cache.ring_v
+        shape = (self.n_ringed, self.n_kv_heads, size, self.head_dim)
+        grown = torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)
+        if cache is not None:
+            held = cache.ring_k.shape[2]  # below ``ring``: no position has wrapped yet
+            for new, old in zip(grown, (cache.ring_k, cache.ring_v)):
+                new[:, :, :held] = old
+                if size == 2 * self.ring:
+                    new[:, :, self.ring:self.ring + held] = old
+        return grown
 
     def rollback(self, session: str, length: int) -> None:
         """Forget every position at or after ``length`` (rejected draft tokens, replays), or the
@@ -198,13 +215,14 @@ class KVCachePool:
         if src is None:
             raise UnknownSession(source)
         self.free(target)
-        dst = self.reserve(target, src.length)
-        dst.k[:, :, : src.length] = src.k[:, :, : src.length]
-        dst.v[:, :, : src.length] = src.v[:, :, : src.length]
-        if src.ring_k is not None:
-            dst.ring_k.copy_(src.ring_k)
-            dst.ring_v.copy_(src.ring_v)
-        dst.length, dst.high = src.length, src.high
+        if src.nbytes > self.free_bytes:
+            raise KVBudgetExceeded(f"KV cache budget exhausted: forking {source} needs {src.nbytes} bytes, "
+                                   f"{self.free_bytes} of {self.budget_bytes} free across {len(self.sessions)} sessions")
+        # A whole copy: its rings may have wrapped, so positions are not where a fresh cache keeps them.
+        self.sessions[target] = SessionCache(
+            src.k.clone(), src.v.clone(), src.layers, src.ring_k.clone() if src.ring_k is not None else None,
+            src.ring_v.clone() if src.ring_v is not None else None, ring=src.ring, length=src.length, high=src.high)
+        self.used_bytes += src.nbytes
 
     def free(self, session: str) -> None:
         cache = self.sessions.pop(session, None)

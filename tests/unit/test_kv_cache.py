@@ -94,8 +94,12 @@ def test_a_sliding_window_block_keeps_a_ring_and_attention_sees_its_window():
     p = ring_pool()
     assert p.ring == 4 + ROLLBACK_SLACK
     reference = torch.zeros(2000, 2)
-    position = 0
-    for n in (3, 1, 1, 70, 1, 200, 1, 1, 5, 1):  # a chunk longer than the ring, decode steps, small verifies
+    feed(p, "a", reference, 0, 3)
+    # Short of the ring, a sliding block's buffer grows with the session like a full one's.
+    c = p.sessions["a"]
+    assert c.ring_k.shape[2] == c.capacity == 16 and c.nbytes == p.bytes_for(16) == 2 * 16 * 2 * 1 * 2 * 4
+    position = 3
+    for n in (1, 1, 70, 1, 200, 1, 1, 5, 1):  # a chunk longer than the ring, decode steps, small verifies
         feed(p, "a", reference, position, n)
         position += n
     c = p.sessions["a"]

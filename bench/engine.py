@@ -100,6 +100,8 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
         "backend": f"shard-{backend}", "device": str(runtime.device), "threads": torch.get_num_threads(),
         "prefill_tok_s": PROMPT_TOKENS / t_prefill, "decode_b1_tok_s": b1, **batched,
         "verify5_ms": verify * 1000, "five_steps_ms": singles * 1000, "memory_mb": memory, "rss_mb": rss_mb(),
+        # KV cache of one session at 4k positions (sliding-window blocks keep a ring, not 4k).
+        "kv_mb_per_session_4k": span.kv.bytes_for(min(4096, span.config.context_length)) / 2**20,
         **({"gpu_weights_mb": gpu_weights_mb, "gpu_peak_mb": torch.cuda.max_memory_allocated(runtime.device) / 2**20} if on_gpu else {}),
         **({"profile": profile} if profile else {}),
     }
@@ -226,7 +228,7 @@ def main() -> None:
         for r in rows:
             r["b1_vs_" + ref["backend"]] = r["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
     print_table(rows, ["backend", "device", "threads", "prefill_tok_s", "decode_b1_tok_s", *(f"decode_b{b}_tok_s" for b in args.batches),
-                       "verify5_ms", "five_steps_ms", "memory_mb", "memory_vs_file", "gpu_weights_mb", "gpu_peak_mb",
+                       "verify5_ms", "five_steps_ms", "memory_mb", "memory_vs_file", "kv_mb_per_session_4k", "gpu_weights_mb", "gpu_peak_mb",
                        *(["b1_vs_" + ref["backend"]] if ref else [])])
     for r in rows:
         for p in r.get("profile", []):

@@ -2,6 +2,13 @@
 first token and inter-token latency percentiles, for 1, 4 and 16 clients.
 
     python bench/api.py [--clients 1 4 16] [--max-tokens 64] [--url http://host:port]
+    python bench/api.py --vs-llama-server MODEL.gguf [--llama-server BIN] [--threads 2]
+
+``--vs-llama-server``: the same clients against the Oracle serving MODEL and against llama.cpp's
+own server on the same file and thread count (``llama-server`` with one slot per client and
+continuous batching; build it from the llama.cpp sources vendored in the llama-cpp-python sdist,
+docs/benchmarks.md says how). Without a ``llama-server`` binary it says so and compares with
+llama-cpp-python's single-slot ``llama_cpp.server``.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ async def one_client(session, url: str, model: str, prompt: str, max_tokens: int
                 continue
             if b'"content":"' in line and b'"content":""' not in line:
                 arrivals.append(time.perf_counter())
-            elif b'"usage":{' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            if b'"usage":{' in line:
+                usage = json.loads(line[6:]).get("usage") or {}
+                tokens = usage.get("completion_tokens", tokens)
+    tokens = tokens or len(arrivals)  # a server that sends no usage: count the chunks with text
     return {"ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens, "end": time.perf_counter()}
 
 
@@ -80,18 +89,81 @@ def start_server(port: int, key: str, data_dir: str, extra: list[str]) -> subpro
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def wait_ready(url: str, timeout: float = 180) -> None:
+def wait_ready(url: str, timeout: float = 180, path: str = "/health") -> None:
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(url + "/health", timeout=2).ok:
+            if requests.get(url + path, timeout=2).ok:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
     raise TimeoutError("server not ready")
+
+
+def llama_cpp_command(binary: str | None, model: str, port: int, threads: int, slots: int, ctx_per_slot: int) -> tuple[list[str], str]:
+    """llama.cpp's server on ``model``: ``llama-server`` if found, else the single-slot llama_cpp.server."""
+    import shutil
+
+    found = binary or shutil.which("llama-server")
+    if found:
+        cmd = [found, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
+               "-np", str(slots), "-cb", "-c", str(slots * ctx_per_slot)]
+        name = f"llama-server ({slots} slots)"
+    else:
+        try:
+            import llama_cpp.server.app  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"no llama-server binary (pass --llama-server BIN; docs/benchmarks.md says how to build it) and "
+                             f"llama-cpp-python's own server cannot run either ({e}: pip install 'llama-cpp-python[server]')")
+        print("no llama-server binary (pass --llama-server BIN): comparing with the single-slot llama_cpp.server",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+               "--n_threads", str(threads), "--n_ctx", str(ctx_per_slot)]
+        name = "llama_cpp.server (1 slot)"
+    return cmd, name
+
+
+def measure(url: str, key: str, clients: list[int], max_tokens: int) -> list[dict]:
+    import requests
+
+    model = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"][0]["id"]
+    asyncio.run(run_level(url, model, 1, 8, key))  # warm-up
+    return [asyncio.run(run_level(url, model, n, max_tokens, key)) for n in clients]
+
+
+def versus(args) -> None:
+    key = "sk-oracle-bench-" + "b" * 32
+    rows = []
+    cmd, name = llama_cpp_command(args.llama_server, args.vs_llama_server, args.port + 1, args.threads, max(args.clients),
+                                  args.max_tokens + 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = start_server(args.port, key, tmp, ["--no-store", "--model", args.vs_llama_server, "--speculative", "off",
+                                                 "--max-running", str(max(args.clients))])
+        try:
+            wait_ready(f"http://127.0.0.1:{args.port}")
+            ours = measure(f"http://127.0.0.1:{args.port}", key, args.clients, args.max_tokens)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{args.port + 1}", path="/v1/models")
+        theirs = measure(f"http://127.0.0.1:{args.port + 1}", key, args.clients, args.max_tokens)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for a, b in zip(ours, theirs):
+        rows.append({"clients": a["clients"], "shard_tok_s": a["aggregate_tok_s"], "llama_cpp_tok_s": b["aggregate_tok_s"],
+                     "ratio": a["aggregate_tok_s"] / b["aggregate_tok_s"], "shard_itl_p50_ms": a["itl_p50_ms"],
+                     "llama_cpp_itl_p50_ms": b["itl_p50_ms"], "shard_ttft_p50_ms": a["ttft_p50_ms"],
+                     "llama_cpp_ttft_p50_ms": b["ttft_p50_ms"]})
+    print(f"shard-oracle serve vs {name}, {args.vs_llama_server}, {args.threads} threads, {args.max_tokens} tokens a stream")
+    print_table(rows, list(rows[0]))
+    print("wrote", write_json("api-vs-llama-cpp", {"model": args.vs_llama_server, "llama_cpp": name, "threads": args.threads,
+                                                   "max_tokens": args.max_tokens, "results": rows}))
 
 
 def main() -> None:
@@ -101,7 +173,12 @@ def main() -> None:
     parser.add_argument("--url", help="an already running Oracle; otherwise one is started")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--key", default=os.environ.get("SHARD_API_KEY"), help="API key for --url (a started server gets its own)")
+    parser.add_argument("--vs-llama-server", metavar="MODEL", help="a GGUF file: run the clients against the Oracle and llama.cpp's server on it")
+    parser.add_argument("--llama-server", metavar="BIN", help="the llama-server binary (default: llama-server on PATH)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp's threads (the Oracle uses torch's default: every core)")
     args = parser.parse_args()
+    if args.vs_llama_server:
+        return versus(args)
     proc = None
     url, key = args.url, args.key
     tmp = tempfile.TemporaryDirectory()
@@ -111,11 +188,7 @@ def main() -> None:
         proc = start_server(args.port, key, tmp.name, ["--no-store"])
     try:
         wait_ready(url)
-        import requests
-
-        model = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"][0]["id"]
-        asyncio.run(run_level(url, model, 1, 8, key))  # warm-up
-        rows = [asyncio.run(run_level(url, model, n, args.max_tokens, key)) for n in args.clients]
+        rows = measure(url, key, args.clients, args.max_tokens)
     finally:
         if proc is not None:
             proc.terminate()

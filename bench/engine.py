@@ -9,6 +9,7 @@ on the same model, decode at batch 1, 8 and 32, and GPU memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -63,18 +64,7 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
 
     def decode(batch: int) -> float:
         sessions = [f"d{next(counter)}" for _ in range(batch)]
-        short = prompt[:32]
-        for s in sessions:
-            span.forward(ends.embed(short), [SpanRequest(s, 0, len(short))])
-        tokens = [short[-1]] * batch
-        t = time.perf_counter()
-        for step in range(new_tokens):
-            reqs = [SpanRequest(s, len(short) + step, 1) for s in sessions]
-            tokens = ends.logits(span.forward(ends.embed(tokens), reqs)).argmax(-1).tolist()
-        elapsed = time.perf_counter() - t
-        for s in sessions:
-            span.free(s)
-        return batch * new_tokens / elapsed
+        return batch * new_tokens / greedy_decode(span, ends, prompt[:32], sessions, new_tokens)
 
     decode(1)
     b1 = max(decode(1) for _ in range(2))
@@ -107,17 +97,15 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
     }
 
 
-def profile_decode(span, ends, prompt: list[int], steps: int, batch: int) -> dict:
-    """Decode of ``batch`` sessions under the torch profiler: ops per step and where the time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
+def greedy_decode(span, ends, prompt: list[int], sessions: list[str], steps: int, around=None) -> float:
+    """Prefill ``prompt`` into each session, then time ``steps`` batched greedy decode steps
+    (inside the context manager ``around``, if any); the sessions are freed. Returns seconds."""
     from shard_common.model.span import SpanRequest
 
-    sessions = [f"prof{i}" for i in range(batch)]
     for s in sessions:
         span.forward(ends.embed(prompt), [SpanRequest(s, 0, len(prompt))])
-    tokens = [prompt[-1]] * batch
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    tokens = [prompt[-1]] * len(sessions)
+    with around or contextlib.nullcontext():
         t = time.perf_counter()
         for step in range(steps):
             reqs = [SpanRequest(s, len(prompt) + step, 1) for s in sessions]
@@ -125,6 +113,15 @@ def profile_decode(span, ends, prompt: list[int], steps: int, batch: int) -> dic
         elapsed = time.perf_counter() - t
     for s in sessions:
         span.free(s)
+    return elapsed
+
+
+def profile_decode(span, ends, prompt: list[int], steps: int, batch: int) -> dict:
+    """Decode of ``batch`` sessions under the torch profiler: ops per step and where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    elapsed = greedy_decode(span, ends, prompt, [f"prof{i}" for i in range(batch)], steps, around=prof)
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total_self = sum(e.self_cpu_time_total for e in events)
     ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)

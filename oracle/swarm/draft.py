@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
 
 from oracle.engine.sampler import SamplingParams
 from oracle.engine.speculative import Draft, NgramDrafter
-from concurrent.futures import Future
-
 from shard_common.main_thread import LoopStopped, start_on_loop, wait_for_future, wait_on_loop
 from shard_common.protocol import Draft as DraftRequest
 from shard_common.protocol import Drafted

@@ -1,7 +1,7 @@
 """A GGUF file's metadata and tensor table, read fast; the tensor bytes stay memory-mapped.
 
 ``gguf.GGUFReader`` builds several numpy views per value, which for a 262k-token vocabulary
-(Gemma 3) takes ~9 s and ~150 MB before any weight is touched. This reader decodes the same
+(Gemma 3) takes ~9 s before any weight is touched. This reader decodes the same
 layout (GGUF v2/v3, little-endian) straight from the mapped bytes: numeric arrays in one
 ``frombuffer``, each string in one slice.
 """

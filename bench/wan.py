@@ -4,9 +4,10 @@ shard_common/link_sim.py, set for the Oracle and inherited by its Scouts), so ea
 for the trips it makes: a hub step through n Scouts costs 2n one-way delays.
 
 Per delay, in one run: single-stream greedy tokens/s with speculation off, with prompt lookup and
-with the draft Scout; 16-stream aggregate tokens/s (speculation off); data-plane round trips per
-token. Topology: hub (Oracle → Scout → Oracle per hop); schedule: lockstep (one batch in flight).
-Chained forwarding and pipelined micro-batches are not built yet: their columns say so.
+with the draft Scout; 16-stream aggregate tokens/s (speculation off), lockstep (one batch in
+flight, ``--pipeline-depth 1``) and pipelined (the default depth); data-plane round trips per
+token. Topology: hub (Oracle → Scout → Oracle per hop); Scout-to-Scout chaining is not built yet:
+its column says so.
 Prints a table, writes bench/results/wan.json and wan.png (docs/img/wan.png is a copy).
 
     python bench/wan.py [--delays 0 10 25 50] [--max-tokens 32] [--streams 16]
@@ -59,12 +60,14 @@ def single_stream(url: str, model: str, mode: str, max_tokens: int) -> dict:
     return {"tok_s": tokens / elapsed, "round_trips_per_token": (trips1 - trips0) / max(1, tokens1 - tokens0)}
 
 
-def measure(delay_ms: float, max_tokens: int, streams: int, port: int) -> list[dict]:
+def measure(delay_ms: float, max_tokens: int, streams: int, port: int, schedule: str) -> list[dict]:
+    """Single streams (lockstep only: one stream has nothing to overlap) and ``streams`` at once."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SHARD_ADMIN_KEY": KEY, "SHARD_SIMULATE_LINK_MS": str(delay_ms)}
+        depth = "1" if schedule == "lockstep" else "0"
         proc = subprocess.Popen([sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--data-dir", tmp, "--no-store",
                                  "--local-scouts", "3", "--local-draft-scouts", "1", "--p2p-port", str(port + 100),
-                                 "--data-port", "0", "--speculative", "off"],
+                                 "--data-port", "0", "--speculative", "off", "--pipeline-depth", depth],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -77,13 +80,13 @@ def measure(delay_ms: float, max_tokens: int, streams: int, port: int) -> list[d
             model = requests.get(url + "/v1/models", headers=HEADERS, timeout=5).json()["data"][0]["id"]
             single_stream(url, model, "off", 4)  # warm-up
             rows = []
-            for mode in ("off", "ngram", "scout"):
+            for mode in ("off", "ngram", "scout") if schedule == "lockstep" else ():
                 rows.append({"delay_ms": delay_ms, "streams": 1, "speculative": mode, "topology": "hub", "schedule": "lockstep",
                              **single_stream(url, model, mode, max_tokens)})
             trips0, tokens0 = trips_and_tokens(url)
             level = asyncio.run(run_level(url, model, streams, max_tokens, KEY))
             trips1, tokens1 = trips_and_tokens(url)
-            rows.append({"delay_ms": delay_ms, "streams": streams, "speculative": "off", "topology": "hub", "schedule": "lockstep",
+            rows.append({"delay_ms": delay_ms, "streams": streams, "speculative": "off", "topology": "hub", "schedule": schedule,
                          "tok_s": level["aggregate_tok_s"], "round_trips_per_token": (trips1 - trips0) / max(1, tokens1 - tokens0)})
             return rows
         finally:
@@ -98,11 +101,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for streams, mode in sorted({(r["streams"], r["speculative"]) for r in rows}):
-        pts = sorted((r["delay_ms"], r["tok_s"]) for r in rows if r["streams"] == streams and r["speculative"] == mode)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{streams} stream{'s' * (streams > 1)}, {mode}")
+    for streams, mode, schedule in sorted({(r["streams"], r["speculative"], r["schedule"]) for r in rows}):
+        pts = sorted((r["delay_ms"], r["tok_s"]) for r in rows
+                     if (r["streams"], r["speculative"], r["schedule"]) == (streams, mode, schedule))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{streams} stream{'s' * (streams > 1)}, {mode}" + (f", {schedule}" if streams > 1 else ""))
     ax.set_xlabel("one-way delay per link (ms)")
-    ax.set_ylabel("tokens/s (hub, lockstep)")
+    ax.set_ylabel("tokens/s (hub)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -118,11 +123,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for i, delay in enumerate(args.delays):
-        rows += measure(delay, args.max_tokens, args.streams, 8700 + 2 * i)
+        for j, schedule in enumerate(("lockstep", "pipelined")):
+            rows += measure(delay, args.max_tokens, args.streams, 8700 + 4 * i + 2 * j, schedule)
     for r in rows:
-        r["chain"] = r["pipelined"] = "not built"
-    print_table(rows, ["delay_ms", "streams", "speculative", "topology", "schedule", "tok_s", "round_trips_per_token", "chain",
-                       "pipelined"])
+        r["chain"] = "not built"
+    print_table(rows, ["delay_ms", "streams", "speculative", "topology", "schedule", "tok_s", "round_trips_per_token", "chain"])
     print("wrote", write_json("wan", {"max_tokens": args.max_tokens, "scouts": 3, "results": rows}))
     save_plot(plot, rows, "wan")
 

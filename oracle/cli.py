@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--fallback-local", action="store_true", default=False,
                help="compute the blocks no Scout serves (or whose Scouts all died) in this process instead of answering 503")
     add_link_options(serve)
+    add_option(serve, "--threads", default=0, type=int,
+               help="torch threads for the Oracle's own math: embedding, head, local blocks (0: one per core; with pipelined "
+                    "--local-scouts, the cores they leave, at least one)")
+    add_option(serve, "--pipeline-depth", default=0, type=int,
+               help="micro-batches in flight through the Scouts at once, so each Scout computes one while the others "
+                    "compute theirs (0: one more than the Scouts on a route, or with only --local-scouts one per Scout; 1: one batch at "
+                    "a time, lockstep)")
     add_option(serve, "--eager-cache-ops", action="store_true", default=False,
                help="for benchmarks: send every KV cache rollback/fork/free to the Scouts at once, in a round trip of its "
                     "own, instead of on the hop's next forward")

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Executor
 from pathlib import Path
 
+import torch
 from aiohttp import web
 
 from oracle.api import storage
@@ -135,7 +136,17 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
         control = build_control(args, identity, weights, manifest, health, listener)
     return Swarm(identity, weights.config.n_layers, loop, health, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
                  weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout, auditor, traffic,
-                 piggyback=not args.eager_cache_ops, listener=listener)
+                 piggyback=not args.eager_cache_ops, listener=listener, pipeline_depth=local_pipeline_depth(args))
+
+
+def local_pipeline_depth(args: argparse.Namespace) -> int:
+    """``--pipeline-depth``, where a swarm of local Scouts alone sets it: they and the Oracle share
+    this machine's cores, so one micro-batch per Scout keeps the cores busy and one more would only
+    make three processes take turns on them (bench/pipeline.py: depth 2 beat 3 with 2 Scouts on
+    2 cores). 0: the pipeline's own rule, one per Scout on a route and one for the Oracle."""
+    if args.pipeline_depth or not args.local_scouts or args.swarm or args.scouts.strip():
+        return args.pipeline_depth
+    return args.local_scouts
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -157,11 +168,18 @@ def serve(args: argparse.Namespace) -> int:
                                   Path(args.data_dir) / "shards")
         loop = asyncio.new_event_loop()
         executor = MainThreadExecutor()
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.local_scouts or args.local_draft_scouts:
-            # Hops run one after another, so the Scouts share this machine's cores between them:
-            # measured here, 1 thread per Scout beat 2 each by 1.25x at one stream on 2 cores.
+            # The Scouts share this machine's cores between them: measured here, 1 thread per Scout
+            # beat 2 each by 1.25x at one stream on 2 cores.
             threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
             extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest)]
+            if args.local_scouts and not args.threads and local_pipeline_depth(args) != 1:
+                # Pipelined, the Oracle's own math runs while its Scouts compute: it gets the cores
+                # they leave, at least one (2 threads here contended with 2 one-thread Scouts on 2
+                # cores: bench/pipeline.py measured 1 thread 1.1x faster).
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) - threads * args.local_scouts))
             if args.swarm_secret:  # handed down in the environment, not on a command line others can read
                 os.environ["SHARD_SWARM_SECRET"] = args.swarm_secret
             local_scouts = LocalScouts(args.local_scouts, args.local_draft_scouts, Path(args.data_dir) / "local-scouts", extra)

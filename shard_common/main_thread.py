@@ -3,6 +3,12 @@
 Measured here: the same decode steps run 2-2.5x slower when torch is called from a worker thread
 than from the main thread (OpenMP's worker team wakes up slowly for a non-main master thread),
 so the servers keep the main thread for the model and give the event loop a thread of its own.
+
+Work that waits on the network between its tensor parts (an engine step through Scouts) is written
+as a *resumable*: a generator that yields a ``Waiting`` wherever it waits. ``drive`` runs one to
+the end on the calling thread; ``MainThreadExecutor.submit_resumable`` interleaves several on the
+main thread, resuming each when what it waits for is done — so one pipelined micro-batch's tensor
+work runs while another's waits on a Scout.
 """
 
 from __future__ import annotations
@@ -14,11 +20,48 @@ import signal
 import threading
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Awaitable, Callable, Coroutine, TypeVar
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Coroutine, Generator, TypeVar
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Waiting:
+    """What a resumable waits for: ``future``, running on ``loop`` (another thread's)."""
+
+    loop: asyncio.AbstractEventLoop
+    future: Future
+
+    def result(self):
+        return wait_for_future(self.loop, self.future)
+
+
+Resumable = Generator[Waiting, object, T]
+
+
+def drive(resumable: Resumable[T]) -> T:
+    """Run ``resumable`` to the end on this thread, waiting wherever it waits."""
+    value, error = None, None
+    while True:
+        try:
+            waiting = resumable.send(value) if error is None else resumable.throw(error)
+        except StopIteration as done:
+            return done.value
+        try:
+            value, error = waiting.result(), None
+        except BaseException as e:  # handed back to the resumable, which decides
+            value, error = None, e
+
+
+def submit_resumable(executor: Executor, resumable: Resumable[T]) -> Future:
+    """Run ``resumable`` on ``executor``: interleaved with others on a MainThreadExecutor, to the
+    end in one call on any other executor."""
+    if isinstance(executor, MainThreadExecutor):
+        return executor.submit_resumable(resumable)
+    return executor.submit(drive, resumable)
 
 
 class MainThreadExecutor(Executor):
@@ -33,12 +76,44 @@ class MainThreadExecutor(Executor):
         self._queue.put((future, fn, args, kwargs))
         return future
 
+    def submit_resumable(self, resumable: Resumable[T]) -> Future:
+        """Run ``resumable`` on the main thread, in turns with other calls and resumables: it
+        gives the thread up wherever it waits and is resumed when that wait is over."""
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        future: Future = Future()
+        self._queue.put((None, self._advance, (future, resumable, None), {}))
+        return future
+
+    def _advance(self, future: Future, resumable: Resumable, waited: Future | None) -> None:
+        value, error = None, None
+        if waited is None and not future.set_running_or_notify_cancel():
+            resumable.close()  # cancelled before its first turn
+            return
+        if waited is not None:
+            try:
+                value = waited.result()
+            except BaseException as e:  # cancelled or failed: the resumable decides
+                error = e
+        try:
+            waiting = resumable.send(value) if error is None else resumable.throw(error)
+        except StopIteration as done:
+            future.set_result(done.value)
+            return
+        except BaseException as e:  # handed to the awaiting coroutine, which decides
+            future.set_exception(e)
+            return
+        waiting.future.add_done_callback(lambda f: self._queue.put((None, self._advance, (future, resumable, f), {})))
+
     def run_until(self, done: threading.Event, poll_seconds: float = 0.05) -> None:
         """Serve submitted calls on the calling (main) thread until ``done`` is set."""
         while not done.is_set():
             try:
                 future, fn, args, kwargs = self._queue.get(timeout=poll_seconds)
             except queue.Empty:
+                continue
+            if future is None:  # a resumable's next turn; it settles its own future
+                fn(*args, **kwargs)
                 continue
             if not future.set_running_or_notify_cancel():
                 continue
@@ -79,6 +154,8 @@ def wait_for_future(loop: asyncio.AbstractEventLoop, future: Future, poll_second
         try:
             return future.result(timeout=poll_seconds)
         except FutureTimeout:
+            if future.done():  # its own result is a TimeoutError (asyncio.wait_for timed out), not our poll
+                raise
             if loop.is_closed() or not loop.is_running():
                 future.cancel()
                 raise LoopStopped("the event loop has stopped") from None

@@ -1,8 +1,10 @@
 """One batched step of generation: embed → the blocks (a Pipeline) → head → sample.
 
-Synchronous and single-threaded on purpose: the async scheduler runs ``step`` in a worker
-thread, and the CLI calls it directly. Sequences of different lengths, some still reading
-their prompt and some decoding, share every forward pass.
+Single-threaded on purpose: the async scheduler runs steps on the main thread, and the CLI calls
+``step`` directly. A step is written as a resumable (``resumable_step``) that yields while the
+blocks run elsewhere (on Scouts), so the scheduler can keep several micro-batches' steps in flight.
+Sequences of different lengths, some still reading their prompt and some decoding, share every
+forward pass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from shard_common.main_thread import Resumable, drive
 from shard_common.model.ends import ModelEnds
 from shard_common.model.span import SpanRequest
 from shard_common.tokenizer import Tokenizer
@@ -95,8 +98,13 @@ class Engine:
                 s.cached = len(s.prompt_ids) - 1
                 s.share_prefill_with = None
 
-    @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, TokenEvent]]:
+        return drive(self.resumable_step(seqs))
+
+    @torch.inference_mode()
+    def resumable_step(self, seqs: list[Sequence]) -> Resumable[list[tuple[Sequence, TokenEvent]]]:
+        """One step of ``seqs``. Steps of disjoint sets of sequences may be in flight together
+        (pipelined micro-batches); one sequence is never in two."""
         self._share_prefills(seqs)
         plan = [(s, n, d) for s, n, d in self.plan(seqs) if s.share_prefill_with is None]
         if not plan:
@@ -106,7 +114,7 @@ class Engine:
         constrained = [(s, d) for s, n, d in plan if s.grammar is not None and s.cached + n == len(s.tokens)]
         masks: Future | None = self._masker.submit(self._masks, constrained) if constrained else None
         try:
-            hidden = self.pipeline.forward(self.ends.embed([t for ids in fed for t in ids]), requests)
+            hidden = yield from self.pipeline.resumable_forward(self.ends.embed([t for ids in fed for t in ids]), requests)
         finally:
             allowed = masks.result() if masks is not None else {}  # never leave the masker walking a matcher
         rows, scored = [], []  # output rows to score, and per scored sequence how many

@@ -6,11 +6,18 @@ from typing import Protocol
 
 import torch
 
+from shard_common.main_thread import Resumable
 from shard_common.model.span import Span, SpanRequest
 
 
 class Pipeline(Protocol):
-    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor: ...
+    def resumable_forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
+        """The blocks' output for ``hidden``, yielding wherever it waits on the network."""
+        ...
+
+    def depth(self) -> int:
+        """How many micro-batches the scheduler keeps in flight through this pipeline."""
+        ...
 
     def rollback(self, session: str, length: int) -> None: ...
 
@@ -31,6 +38,13 @@ class LocalPipeline:
 
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
         return self.local.forward(hidden, requests)
+
+    def resumable_forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
+        yield from ()  # never waits
+        return self.local.forward(hidden, requests)
+
+    def depth(self) -> int:
+        return 1  # nothing to overlap: every part of a step runs on this thread
 
     def rollback(self, session: str, length: int) -> None:
         self.local.rollback(session, length)

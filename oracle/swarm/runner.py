@@ -9,6 +9,9 @@ that owns the connections.
   that took the blocks over, or the Oracle's own blocks with ``fill``), and its caches there are
   rebuilt from history.py before its next step. With no replacement yet, the step waits up to
   ``reroute_seconds`` for one (a Scout taking the blocks over). The client sees a pause.
+- Pipelining: the engine's steps are resumables (shard_common/main_thread.py) that give the
+  engine's thread up while a Scout computes; the scheduler keeps ``depth()`` micro-batches in
+  flight, so different Scouts compute different micro-batches at once.
 - Fewer round trips: rollbacks (rejected drafts), forks and frees wait for the hop's next
   forward and ride on it; a hop left with no session gets its pending operations at once.
 - Audits: every Scout forward goes past the trust package's traffic audit, which checks the
@@ -31,7 +34,7 @@ import torch
 from oracle.trust.health import PeerHealth
 from oracle.trust.tickets import Auditor
 from oracle.trust.traffic import TrafficAudit
-from shard_common.main_thread import start_on_loop, wait_for_future, wait_on_loop
+from shard_common.main_thread import Resumable, Waiting, drive, start_on_loop
 from shard_common.model.span import SpanRequest
 from shard_common.protocol import CacheOp
 
@@ -47,7 +50,7 @@ class SwarmPipeline:
     def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop | None,
                  health: PeerHealth, wire_dtype: str = "float32", fill: LocalFactory | None = None,
                  reroute_seconds: float = 20.0, auditor: Auditor | None = None, traffic: TrafficAudit | None = None,
-                 piggyback: bool = True):
+                 piggyback: bool = True, depth: int = 0):
         self.hops = hops  # the hops that serve spans now (Scout connections)
         self.n_layers = n_layers
         self.loop = loop
@@ -58,6 +61,7 @@ class SwarmPipeline:
         self.auditor = auditor
         self.traffic = traffic
         self.piggyback = piggyback  # False: every cache operation costs its own round trip (benchmarks)
+        self.fixed_depth = depth  # micro-batches in flight; 0: from the route's length
         self.routes: dict[str, list] = {}
         self.history = SessionHistory()
         self.stale: set[tuple[str, object]] = set()  # (session, hop) whose cache there must be rebuilt
@@ -68,13 +72,16 @@ class SwarmPipeline:
         self.passes = 0  # forward passes through the whole route
         self.round_trips = 0  # data-plane requests to Scouts made for those passes (replays included)
 
-    def _call(self, hop, method: str, *args):
+    def _calling(self, hop, method: str, *args) -> Resumable:
         """A Scout's request runs on the event loop that owns its connection; a LocalHop's right here."""
         result = getattr(hop, method)(*args)
         if not inspect.iscoroutine(result):
             return result
         self.round_trips += 1
-        return wait_on_loop(self.loop, result)
+        return (yield Waiting(self.loop, start_on_loop(self.loop, result)))
+
+    def _call(self, hop, method: str, *args):
+        return drive(self._calling(hop, method, *args))
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -125,8 +132,8 @@ class SwarmPipeline:
                 self.stale.update((r.session, hop) for hop in route)
         return route
 
-    def _repair(self, route: list, i: int, why: str) -> tuple[list, int]:
-        """A new route for one whose hop ``i`` failed, and the first index where it differs.
+    def _repair(self, route: list, i: int, why: str) -> list:
+        """A new route for one whose hop ``i`` failed.
 
         The failed hop's blocks alone are replaced when some usable hops cover exactly them (a
         replica, two Scouts with another boundary); otherwise the window widens over its
@@ -137,24 +144,23 @@ class SwarmPipeline:
         while True:
             for j, k in windows:
                 try:
-                    return route[:j] + self.path(route[j].span[0], route[k].span[1]) + route[k + 1:], j
+                    return route[:j] + self.path(route[j].span[0], route[k].span[1]) + route[k + 1:]
                 except ScoutUnreachable as e:
                     problem = e
             if time.monotonic() > deadline or self.stopping.is_set():
                 raise ScoutUnreachable(f"{problem} ({why}; waited {self.reroute_seconds:.0f} s)") from None
             time.sleep(0.25)
 
-    def _reroute(self, failed) -> dict[tuple, tuple[list, int]]:
-        """Give every session routed through ``failed`` a working route; returns, per old route,
-        the new one and where they start to differ."""
-        repaired: dict[tuple, tuple[list, int]] = {}
+    def _reroute(self, failed) -> None:
+        """Give every session routed through ``failed`` a working route."""
+        repaired: dict[tuple, list] = {}
         moved = [session for session, route in self.routes.items() if failed in route]
         dropped: dict[object, list[str]] = {}  # hops left behind, with the sessions whose caches there go
         for session in moved:
             old = self.routes[session]
             if tuple(old) not in repaired:
                 repaired[tuple(old)] = self._repair(old, old.index(failed), f"no Scout left after {failed.peer_id} failed")
-            new, _ = repaired[tuple(old)]
+            new = repaired[tuple(old)]
             self.routes[session] = list(new)
             self.stale.update((session, hop) for hop in new if hop not in old)
             for hop in old:
@@ -169,14 +175,30 @@ class SwarmPipeline:
                 self.pending.setdefault(hop, []).extend(CacheOp(op="close", session=s) for s in sessions)
         self._flush_if_idle(list(dropped))
         self.failovers += 1
-        for old, (new, _) in repaired.items():
+        for old, new in repaired.items():
             log.warning("%s failed: route %s became %s; %d sessions will be replayed where they are new", failed.peer_id,
                         " → ".join(h.peer_id for h in old), " → ".join(h.peer_id for h in new), len(moved))
-        return repaired
 
     # ---- the Pipeline protocol ------------------------------------------------------------------
 
+    def depth(self) -> int:
+        """One micro-batch per Scout on a route, and one more for the Oracle's own part of a step
+        (embedding, head, sampling): then every stage has work while the others compute."""
+        if self.fixed_depth:
+            return self.fixed_depth
+        # Asked on the event loop: plain reads of the hops, none of the engine thread's state.
+        live = [h for h in self.hops() if not h.dead and self.health.usable(h.peer_id)]
+        try:
+            return len(choose_route([RouteOption(h.span, h.latency_ms) for h in live], 0, self.n_layers)) + 1
+        except NoRoute:
+            return 1  # the Oracle's own blocks (--fallback-local) leave nothing to overlap
+
     def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+        return drive(self.resumable_forward(hidden, requests))
+
+    def resumable_forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
+        """``forward``, giving the thread up wherever it waits on a Scout: the scheduler keeps
+        several micro-batches in flight, each a resumable forward."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(self._route_of(r)), []).append(i)
@@ -184,33 +206,41 @@ class SwarmPipeline:
         # A prompt read in this step: material for golden tickets (real hidden states).
         prompt = next((hidden[offsets[i]:offsets[i + 1]] for i, r in enumerate(requests) if r.start == 0 and r.n_tokens > 1), None)
         if len(groups) == 1:
-            out = self._run_group(hidden, requests, prompt).float().cpu()
+            out = (yield from self._run_group(hidden, requests, prompt)).float().cpu()
         else:
             out = torch.empty(hidden.shape, dtype=torch.float32)
             for indices in groups.values():
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices])
-                out[rows] = self._run_group(hidden[rows], [requests[i] for i in indices], prompt).float().cpu()
+                out[rows] = (yield from self._run_group(hidden[rows], [requests[i] for i in indices], prompt)).float().cpu()
         for r, offset in zip(requests, offsets):
             self.history.record(r, hidden[offset:offset + r.n_tokens])
         self.passes += 1
         return out
 
-    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> Resumable[torch.Tensor]:
         """Sessions sharing one route, hop by hop; a failed (or no longer usable) hop is replaced
-        and the step goes on from the first hop that changed."""
+        and the step goes on from the first hop that changed. Another micro-batch in flight may
+        repair the route meanwhile (a hop they share failed for it): the step then goes on from
+        the first hop the repair changed."""
+        session = requests[0].session
+        route = list(self.routes[session])
         i, inputs = 0, [x]  # inputs[i]: what hop i of the route receives in this step
-        while i < len(self.routes[requests[0].session]):
-            hop = self.routes[requests[0].session][i]
+        while i < len(route):
+            if self.routes[session] != route:
+                i, route = min(i, _common_prefix(route, self.routes[session])), list(self.routes[session])
+                inputs, x = inputs[:i + 1], inputs[i]
+                continue
+            hop = route[i]
             try:
                 if not hop.local and not self.health.usable(hop.peer_id):
                     raise ScoutUnreachable(f"Scout {hop.peer_id} may not carry traffic now ({self.health.trust(hop.peer_id)})")
                 for r in requests:
                     if (r.session, hop) in self.stale:
-                        self._replay(r, i)
+                        yield from self._replay(r, i)
                 if hop.local or self.traffic is None:
-                    out = self._call(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
+                    out = yield from self._calling(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
                 else:
-                    out = self._audited_forward(hop, x, requests)
+                    out = yield from self._audited_forward(hop, x, requests)
                 if not hop.local and self.auditor is not None:
                     self.auditor.observe(hop, prompt)
                 x = out
@@ -218,23 +248,22 @@ class SwarmPipeline:
                 inputs.append(x)
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
-                route = tuple(self.routes[requests[0].session])
-                _, i = self._reroute(hop)[route]
-                inputs, x = inputs[:i + 1], inputs[i]
+                if hop in self.routes[session]:  # else another micro-batch has repaired the route already
+                    self._reroute(hop)
         return x
 
-    def _audited_forward(self, hop, x: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
+    def _audited_forward(self, hop, x: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
         """``hop``'s output for ``x``, once the traffic audit lets it through; the Oracle's side of
         the check runs here while the Scout computes."""
         self.round_trips += 1
         running = start_on_loop(self.loop, hop.forward(x, requests, self.wire_dtype, self.pending.pop(hop, [])))
         plan = self.traffic.expect(hop.peer_id, hop.span, x, requests)
-        out = wait_for_future(self.loop, running)
+        out = yield Waiting(self.loop, running)
         if not self.traffic.judge(plan, x, out, requests, self.history.replay):
             raise ScoutUnreachable(f"Scout {hop.peer_id} failed a check of its output")
         return out
 
-    def _replay(self, r: SpanRequest, i: int) -> None:
+    def _replay(self, r: SpanRequest, i: int) -> Resumable[None]:
         """Rebuild ``r.session``'s cache on hop ``i`` of its route, chunk by chunk as first fed;
         where drafts were rejected, the rollback rides on the hop's next forward."""
         route = self.routes[r.session]
@@ -242,10 +271,12 @@ class SwarmPipeline:
         for position, x, keep in self.history.replay(r.session, r.start):
             n = len(x)
             for hop in route[:i]:
-                x = self._call(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype, self.pending.pop(hop, []))
+                x = yield from self._calling(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype,
+                                             self.pending.pop(hop, []))
                 if keep < n:
                     self.pending.setdefault(hop, []).append(CacheOp(op="rollback", session=scratch, length=position + keep))
-            self._call(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype, self.pending.pop(route[i], []))
+            yield from self._calling(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype,
+                                     self.pending.pop(route[i], []))
             if keep < n:
                 self.pending.setdefault(route[i], []).append(CacheOp(op="rollback", session=r.session, length=position + keep))
         for hop in route[:i]:
@@ -321,3 +352,8 @@ class SwarmPipeline:
         return {"passes": self.passes, "round_trips": self.round_trips, "failovers": self.failovers,
                 "round_trips_per_pass": round(self.round_trips / self.passes, 3) if self.passes else None,
                 "piggyback": self.piggyback}
+
+
+def _common_prefix(a: list, b: list) -> int:
+    """How many leading hops two routes share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x is not y), min(len(a), len(b)))

@@ -1,5 +1,6 @@
-"""The Oracle's side of one data-plane connection to a Scout: authenticated, one request at a
-time, every outcome told to ``PeerHealth`` (the one owner of each peer's health)."""
+"""The Oracle's side of one data-plane connection to a Scout: authenticated, requests pipelined
+(sent at once, answered in order by the Scout, matched to their replies by id), every outcome told
+to ``PeerHealth`` (the one owner of each peer's health)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from shard_common.dataplane import connect
 from shard_common.identity import Identity
 from shard_common.model.span import SpanRequest
 from shard_common.protocol import CacheOp, CacheOps, Draft, Drafted, Error, Forward, Kind, Ping, SessionSlice, Welcome
-from shard_common.wire import read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
+from shard_common.wire import FrameError, read_frame, tensor_from_bytes, tensor_to_bytes, write_frame
 
 
 class ScoutError(RuntimeError):
@@ -51,8 +52,10 @@ class ScoutAddress:
 
 
 class ScoutConnection:
-    """One authenticated connection; requests are sent one at a time (the engine steps serially).
-    A request unanswered after ``timeout`` seconds (``serve --hop-timeout``) kills the connection."""
+    """One authenticated connection. Requests go out as soon as they are made, so a micro-batch's
+    forward waits at the Scout behind another's instead of a round trip away from it; a reader task
+    hands each reply to its request. A request unanswered after ``timeout`` seconds (``serve
+    --hop-timeout``) kills the connection, and with it every request still waiting on it."""
 
     HANDSHAKE_SECONDS = 10.0
     local = False  # a hop of the Oracle's own blocks says True
@@ -68,7 +71,11 @@ class ScoutConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()  # one frame at a time on the stream
+        self._waiting: dict[int, asyncio.Future] = {}  # request id → its reply, once read
+        self._replies: asyncio.Task | None = None
+        self._last_answer = 0.0  # when the latest reply came: a request sent earlier waited behind it
+        self._closing = False
         self.dead = False
         self.requests = 0
         self.round_trips: dict[str, int] = {}  # per request kind
@@ -122,9 +129,11 @@ class ScoutConnection:
             raise ScoutError(f"{self.address.peer_id} answered the handshake with {kind.name}")
         self.welcome = welcome
         self.health.record(self.address.peer_id, Outcome.CONNECTED)
+        self._replies = asyncio.get_running_loop().create_task(self._read_replies(), name=f"replies from {self.peer_id}")
         return self
 
     async def close(self) -> None:
+        self._closing = True
         # Closing an SSL stream twice leaves it unable even to refuse a write: close once.
         if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
@@ -136,31 +145,53 @@ class ScoutConnection:
         if self._writer is not None:
             self._writer.transport.abort()
 
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                kind, reply, body = await read_frame(self._reader)
+                waiter = self._waiting.pop(reply.id, None)
+                if waiter is None:  # the stream is out of step with our requests: nothing on it can be trusted
+                    raise FrameError(f"a reply to request {reply.id}, which is not waiting")
+                now = time.perf_counter()
+                if not waiter.done():  # done: its request was given up (cancelled); the reply goes unread
+                    waiter.set_result((kind, reply, body, self._last_answer, now))
+                self._last_answer = now
+        except (OSError, asyncio.IncompleteReadError, FrameError) as e:
+            self._lose(Outcome.LOST, e)
+
+    def _lose(self, outcome: Outcome, error: BaseException) -> None:
+        """The connection is gone: told to ``PeerHealth`` once, every waiting request fails."""
+        if not self.dead and not self._closing:
+            self.health.record(self.peer_id, outcome)
+        self.dead = True
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(ScoutUnreachable(f"Scout {self.peer_id} failed: {error!r}"))
+        self._waiting.clear()
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.close()
+
     async def _request(self, kind: Kind, message, body: bytes = b"", timeout: float | None = None):
         peer = self.address.peer_id
-        if self.dead:
+        if self.dead or self._writer.is_closing():
+            self.dead = True
             raise ScoutUnreachable(f"Scout {peer} is gone")
-        async with self._lock:
-            if self.dead or self._writer.is_closing():  # closed while this request waited for the lock
-                self.dead = True
-                raise ScoutUnreachable(f"Scout {peer} is gone")
-            message.id = next(self._ids)
-            started = time.perf_counter()
-            try:
+        message.id = next(self._ids)
+        answer = self._waiting[message.id] = asyncio.get_running_loop().create_future()
+        sent = time.perf_counter()
+        try:
+            async with self._write_lock:
                 await write_frame(self._writer, kind, message, body)
-                reply_kind, reply, reply_body = await asyncio.wait_for(read_frame(self._reader), timeout or self.timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-                self.dead = True
-                self.health.record(peer, Outcome.TIMED_OUT if isinstance(e, asyncio.TimeoutError) else Outcome.LOST)
-                await self.close()
-                raise ScoutUnreachable(f"Scout {peer} failed: {e!r}") from e
-            self.requests += 1
-            self.round_trips[kind.name.lower()] = self.round_trips.get(kind.name.lower(), 0) + 1
-            self.last_ms = (time.perf_counter() - started) * 1000
-            self.last_used = time.monotonic()
+            reply_kind, reply, reply_body, previous, answered = await asyncio.wait_for(answer, timeout or self.timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            self._lose(Outcome.TIMED_OUT if isinstance(e, asyncio.TimeoutError) else Outcome.LOST, e)
+            raise ScoutUnreachable(f"Scout {peer} failed: {e!r}") from e
+        self.requests += 1
+        self.round_trips[kind.name.lower()] = self.round_trips.get(kind.name.lower(), 0) + 1
+        # From when the Scout could start on it: a request sent while another was being answered waited behind it.
+        self.last_ms = (answered - max(sent, previous)) * 1000
+        self.last_used = time.monotonic()
         self.health.record(peer, Outcome.ANSWERED)
-        if reply.id != message.id:
-            raise ScoutError(f"Scout {peer} answered request {reply.id}, expected {message.id}")
         if reply_kind == Kind.ERROR:
             assert isinstance(reply, Error)
             raise ScoutError(f"Scout {peer}: {reply.code}: {reply.message}")

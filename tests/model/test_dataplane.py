@@ -165,3 +165,34 @@ def test_a_listener_that_never_handshakes_times_out(monkeypatch):
             silent.close()
 
     asyncio.run(main())
+
+
+def test_requests_are_pipelined_and_a_given_up_one_does_not_break_the_connection(tiny_span, quant_parts, tmp_path):
+    """Requests go out at once and wait at the Scout, not a round trip away; each reply reaches
+    its own request; a request given up (cancelled) leaves its late reply unread and the
+    connection usable."""
+    from scout.faults import FaultInjector
+
+    hidden = quant_parts[2].embed([1, 2, 3])
+
+    async def body(server, ident):
+        conn = await ScoutConnection(ScoutAddress(ident.peer_id, "127.0.0.1", server.port), Identity.generate()).open()
+        first = asyncio.ensure_future(conn.forward(hidden, [SpanRequest("p", 0, 3)], "float32"))
+        second = asyncio.ensure_future(conn.forward(hidden[:1], [SpanRequest("q", 0, 1)], "float32"))
+        await asyncio.sleep(0.1)
+        both_out = len(conn._waiting) == 2 and not first.done()  # both on the wire while the Scout holds the first
+        out_p, out_q = await asyncio.gather(first, second)
+        given_up = asyncio.ensure_future(conn.ping())
+        await asyncio.sleep(0.05)
+        given_up.cancel()
+        await conn.ping()  # the cancelled ping's reply arrives first and is skipped
+        alive = not conn.dead and conn.round_trips == {"forward": 2, "ping": 1}
+        await conn.close()
+        return both_out, alive, out_p, out_q
+
+    both_out, alive, out_p, out_q = run_with_server(tiny_span, tmp_path, body, faults=FaultInjector("delay_ms=300"))
+    assert both_out and alive
+    assert torch.equal(out_q, tiny_span.forward(hidden[:1], [SpanRequest("r", 0, 1)]))
+    assert torch.equal(out_p, tiny_span.forward(hidden, [SpanRequest("s", 0, 3)]))
+    tiny_span.free("r")
+    tiny_span.free("s")

@@ -5,12 +5,12 @@ for the trips it makes: a hub step through n Scouts costs 2n one-way delays.
 
 Per delay, in one run: single-stream greedy tokens/s with speculation off, with prompt lookup and
 with the draft Scout; 16-stream aggregate tokens/s (speculation off), lockstep (one batch in
-flight, ``--pipeline-depth 1``) and pipelined (the default depth); data-plane round trips per
-token. Topology: hub (Oracle → Scout → Oracle per hop); Scout-to-Scout chaining is not built yet:
+flight, ``--pipeline-depth 1``) and pipelined (by default 4 micro-batches: the depth an Oracle
+gives a route through 3 remote Scouts, which these simulate); data-plane round trips per token. Topology: hub (Oracle → Scout → Oracle per hop); Scout-to-Scout chaining is not built yet:
 its column says so.
 Prints a table, writes bench/results/wan.json and wan.png (docs/img/wan.png is a copy).
 
-    python bench/wan.py [--delays 0 10 25 50] [--max-tokens 32] [--streams 16]
+    python bench/wan.py [--delays 0 10 25 50] [--max-tokens 32] [--streams 16] [--depths 1 4]
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def single_stream(url: str, model: str, mode: str, max_tokens: int) -> dict:
     return {"tok_s": tokens / elapsed, "round_trips_per_token": (trips1 - trips0) / max(1, tokens1 - tokens0)}
 
 
-def measure(delay_ms: float, max_tokens: int, streams: int, port: int, schedule: str) -> list[dict]:
+def measure(delay_ms: float, max_tokens: int, streams: int, port: int, depth: int) -> list[dict]:
     """Single streams (lockstep only: one stream has nothing to overlap) and ``streams`` at once."""
+    schedule = "lockstep" if depth == 1 else f"pipelined, depth {depth}"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SHARD_ADMIN_KEY": KEY, "SHARD_SIMULATE_LINK_MS": str(delay_ms)}
-        depth = "1" if schedule == "lockstep" else "0"
         proc = subprocess.Popen([sys.executable, "-m", "oracle.cli", "serve", "--port", str(port), "--data-dir", tmp, "--no-store",
                                  "--local-scouts", "3", "--local-draft-scouts", "1", "--p2p-port", str(port + 100),
-                                 "--data-port", "0", "--speculative", "off", "--pipeline-depth", depth],
+                                 "--data-port", "0", "--speculative", "off", "--pipeline-depth", str(depth)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -80,7 +80,7 @@ def measure(delay_ms: float, max_tokens: int, streams: int, port: int, schedule:
             model = requests.get(url + "/v1/models", headers=HEADERS, timeout=5).json()["data"][0]["id"]
             single_stream(url, model, "off", 4)  # warm-up
             rows = []
-            for mode in ("off", "ngram", "scout") if schedule == "lockstep" else ():
+            for mode in ("off", "ngram", "scout") if depth == 1 else ():
                 rows.append({"delay_ms": delay_ms, "streams": 1, "speculative": mode, "topology": "hub", "schedule": "lockstep",
                              **single_stream(url, model, mode, max_tokens)})
             trips0, tokens0 = trips_and_tokens(url)
@@ -120,11 +120,12 @@ def main() -> None:
     parser.add_argument("--delays", type=float, nargs="+", default=[0, 10, 25, 50])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 4], help="pipeline depths for the streams (1: lockstep)")
     args = parser.parse_args()
     rows = []
     for i, delay in enumerate(args.delays):
-        for j, schedule in enumerate(("lockstep", "pipelined")):
-            rows += measure(delay, args.max_tokens, args.streams, 8700 + 4 * i + 2 * j, schedule)
+        for j, depth in enumerate(args.depths):
+            rows += measure(delay, args.max_tokens, args.streams, 8700 + 8 * i + 2 * j, depth)
     for r in rows:
         r["chain"] = "not built"
     print_table(rows, ["delay_ms", "streams", "speculative", "topology", "schedule", "tok_s", "round_trips_per_token", "chain"])

@@ -129,6 +129,8 @@ class Scheduler:
         self._executor.shutdown(wait=True)
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         depth = max(1, self.engine.pipeline.depth())
         while self.waiting and (not self.running or self.running_sequences + len(self.waiting[0].seqs) <= self.max_running):
             job = self.waiting.pop(0)

@@ -41,7 +41,7 @@ class LocalPipeline:
 
     def resumable_forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
         yield from ()  # never waits
-        return self.local.forward(hidden, requests)
+        return self.forward(hidden, requests)
 
     def depth(self) -> int:
         return 1  # nothing to overlap: every part of a step runs on this thread

@@ -134,6 +134,8 @@ class ScoutConnection:
 
     async def close(self) -> None:
         self._closing = True
+        if self._replies is not None:
+            self._replies.cancel()
         # Closing an SSL stream twice leaves it unable even to refuse a write: close once.
         if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
@@ -158,6 +160,9 @@ class ScoutConnection:
                 self._last_answer = now
         except (OSError, asyncio.IncompleteReadError, FrameError) as e:
             self._lose(Outcome.LOST, e)
+        except asyncio.CancelledError:  # closed here: requests still waiting fail now, not at their timeout
+            self._lose(Outcome.LOST, ConnectionAbortedError("the connection was closed"))
+            raise
 
     def _lose(self, outcome: Outcome, error: BaseException) -> None:
         """The connection is gone: told to ``PeerHealth`` once, every waiting request fails."""

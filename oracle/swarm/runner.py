@@ -193,12 +193,9 @@ class SwarmPipeline:
         except NoRoute:
             return 1  # the Oracle's own blocks (--fallback-local) leave nothing to overlap
 
-    def forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> torch.Tensor:
-        return drive(self.resumable_forward(hidden, requests))
-
     def resumable_forward(self, hidden: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
-        """``forward``, giving the thread up wherever it waits on a Scout: the scheduler keeps
-        several micro-batches in flight, each a resumable forward."""
+        """The route's output for ``hidden``, giving the thread up wherever it waits on a Scout:
+        the scheduler keeps several micro-batches in flight, each a resumable forward."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(self._route_of(r)), []).append(i)

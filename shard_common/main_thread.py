@@ -42,18 +42,26 @@ class Waiting:
 Resumable = Generator[Waiting, object, T]
 
 
+def _resume(resumable: Resumable, outcome: Callable[[], object] | None) -> Waiting:
+    """Hand ``resumable`` what it waited for — ``outcome()``'s value, or its error, which the
+    resumable decides about — and return its next wait (StopIteration once it is done)."""
+    if outcome is None:
+        return resumable.send(None)
+    try:
+        value = outcome()
+    except BaseException as e:
+        return resumable.throw(e)
+    return resumable.send(value)
+
+
 def drive(resumable: Resumable[T]) -> T:
     """Run ``resumable`` to the end on this thread, waiting wherever it waits."""
-    value, error = None, None
+    outcome = None
     while True:
         try:
-            waiting = resumable.send(value) if error is None else resumable.throw(error)
+            outcome = _resume(resumable, outcome).result
         except StopIteration as done:
             return done.value
-        try:
-            value, error = waiting.result(), None
-        except BaseException as e:  # handed back to the resumable, which decides
-            value, error = None, e
 
 
 def submit_resumable(executor: Executor, resumable: Resumable[T]) -> Future:
@@ -86,17 +94,11 @@ class MainThreadExecutor(Executor):
         return future
 
     def _advance(self, future: Future, resumable: Resumable, waited: Future | None) -> None:
-        value, error = None, None
         if waited is None and not future.set_running_or_notify_cancel():
             resumable.close()  # cancelled before its first turn
             return
-        if waited is not None:
-            try:
-                value = waited.result()
-            except BaseException as e:  # cancelled or failed: the resumable decides
-                error = e
         try:
-            waiting = resumable.send(value) if error is None else resumable.throw(error)
+            waiting = _resume(resumable, waited.result if waited is not None else None)
         except StopIteration as done:
             future.set_result(done.value)
             return

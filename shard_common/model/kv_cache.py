@@ -1,4 +1,11 @@
-"""Per-session key/value caches for the blocks of one span, under a shared memory budget."""
+"""Every session's keys and values for the blocks of one span: one paged pool under a memory budget.
+
+The pool keeps one ``PageStore`` per kind of block (full attention; sliding window), and hands
+each session pages of it as it grows. Because every session's positions live in the same
+tensors, one gather reads the keys of all the sessions in a batch and one matmul pair attends
+them all (``kv_batch.py``, ``layers.Block.attention``): the work per step no longer grows with
+the number of sessions.
+"""
 
 from __future__ import annotations
 
@@ -15,82 +22,90 @@ class UnknownSession(KeyError):
     pass
 
 
+PAGE_TOKENS = 16
 # Positions a sliding-window block keeps beyond its window, so that rollbacks (rejected drafts:
 # at most 8 positions; a shared prefill: 1) find the positions before them still there.
 ROLLBACK_SLACK = 64
+INITIAL_PAGES = 16
+
+
+class PageStore:
+    """Keys and values of the blocks of one kind, for every session: ``k``/``v`` are
+    [n_layers, n_kv_heads, slots, head_dim]; a page is ``page`` consecutive slots. Page 0 is never
+    handed out and stays zero: padded reads point at it, so a masked-out key is 0, never garbage
+    (0 times a NaN left in unused memory would still be a NaN)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, page: int):
+        self.page = page
+        self._shape = (n_layers, n_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.page_bytes = 2 * n_layers * n_kv_heads * head_dim * page * torch.finfo(dtype).bits // 8
+        self._allocate(INITIAL_PAGES)
+
+    def _allocate(self, pages: int) -> None:
+        n_layers, n_kv_heads, head_dim = self._shape
+        shape = (n_layers, n_kv_heads, pages * self.page, head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.free_pages = list(range(pages - 1, 0, -1))  # popped from the end: low pages first
+
+    @property
+    def pages(self) -> int:
+        return self.k.shape[2] // self.page
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free_pages):
+            self._grow(n)
+        return [self.free_pages.pop() for _ in range(n)]
+
+    def _grow(self, n: int) -> None:
+        """Double (at least): a copy of everything held, as rare as a vector's growth."""
+        old, pages = self.pages, max(2 * self.pages, self.pages + n - len(self.free_pages))
+        k, v = self.k, self.v
+        n_layers, n_kv_heads, head_dim = self._shape
+        shape = (n_layers, n_kv_heads, pages * self.page, head_dim)
+        self.k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k[:, :, : k.shape[2]] = k
+        self.v[:, :, : v.shape[2]] = v
+        self.free_pages[:0] = range(pages - 1, old - 1, -1)
+
+    def give_back(self, pages: list[int]) -> None:
+        self.free_pages.extend(pages)
+
+    def reset(self) -> None:
+        """No session holds anything: give back what a burst made the store grow to."""
+        if self.pages > INITIAL_PAGES:
+            self._allocate(INITIAL_PAGES)
+
+    def slots(self, pages: list[int]) -> torch.Tensor:
+        """The slots of ``pages``, in order."""
+        return (torch.tensor(pages, dtype=torch.long)[:, None] * self.page + torch.arange(self.page)).flatten()
 
 
 @dataclass
 class SessionCache:
-    """Keys and values of one session. Blocks with full attention keep every position:
-    ``k``/``v`` are [n_full, n_kv_heads, capacity, head_dim], the first ``length`` valid.
-    Sliding-window blocks keep only their last ``ring`` positions, each stored twice (buffer
-    index i holds position p with p % ring == i % ring, at i and i + ring) so that any
-    ``ring`` consecutive positions are one contiguous slice: attention reads a view, never a
-    gathered copy. Until a session outgrows ``ring`` positions its ring buffers grow with it
-    like the full ones (nothing wraps yet, no second copy): a short chat costs no more than
-    before. ``high`` is the highest position ever written to the ring plus one."""
+    """One session's share of the pool. Per store: ``pages`` maps each logical page (positions
+    ``j * page ..``) to its physical page, 0 where a sliding-window store has let it go (positions
+    no window will look at again); ``slots`` holds the slot of every position up to the capacity,
+    so a read of positions ``a..b`` is a slice of it. ``high`` is the highest position ever
+    written plus one (after a rollback, ``length`` is lower)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    layers: list[tuple[bool, int]]  # per span block: (in the ring?, index in its store)
-    ring_k: torch.Tensor | None = None  # [n_sliding, n_kv_heads, up to 2 * ring, head_dim]
-    ring_v: torch.Tensor | None = None
-    ring: int = 0
+    pages: list[list[int]]
+    slots: list[torch.Tensor]
+    dropped: list[int]  # per store: how many leading logical pages were let go
     length: int = 0
     high: int = 0
     last_used: float = field(default=0.0)
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        ring = self.ring_k.nelement() * self.ring_k.element_size() * 2 if self.ring_k is not None else 0
-        return self.k.nelement() * self.k.element_size() * 2 + ring
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` ([n_kv_heads, n, head_dim]) at positions ``start``.. and return the
-        keys and values of positions ``first``..``start + n`` for attention."""
-        ringed, i = self.layers[layer]
-        end = start + k.shape[1]
-        if not ringed:
-            self.k[i, :, start:end] = k
-            self.v[i, :, start:end] = v
-            return self.k[i, :, first:end], self.v[i, :, first:end]
-        ring = self.ring
-        if end - first <= ring:
-            self._ring_write(i, start, k, v)
-            at = first % ring
-            return self.ring_k[i, :, at:at + end - first], self.ring_v[i, :, at:at + end - first]
-        # A chunk longer than the ring (a long prefill): the window before it, then the chunk
-        # itself; the ring keeps the chunk's last positions.
-        at = first % ring
-        keys = torch.cat([self.ring_k[i, :, at:at + start - first], k], dim=1)
-        values = torch.cat([self.ring_v[i, :, at:at + start - first], v], dim=1)
-        keep = min(k.shape[1], ring)
-        self._ring_write(i, end - keep, k[:, -keep:], v[:, -keep:])
-        return keys, values
-
-    def _ring_write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        ring, n = self.ring, k.shape[1]
-        at = start % ring
-        wrapping = self.ring_k.shape[2] == 2 * ring  # else every position so far is below ``ring``: one copy
-        for store, new in ((self.ring_k, k), (self.ring_v, v)):
-            store[i, :, at:at + n] = new
-            if wrapping and at < ring:  # the part in the first copy, mirrored into the second
-                store[i, :, ring + at:ring + min(at + n, ring)] = new[:, :ring - at]
-            if wrapping and at + n > ring:  # the part that ran into the second copy, mirrored into the first
-                store[i, :, :at + n - ring] = new[:, ring - at:]
-        self.high = max(self.high, start + n)
+    def held(self) -> list[list[int]]:
+        return [pages[d:] for pages, d in zip(self.pages, self.dropped)]
 
 
 class KVCachePool:
-    """Owns every session's cache for one span. Capacity grows in chunks so that a decode step
-    writes in place instead of concatenating; the budget counts allocated, not used, bytes.
-    ``windows`` gives each block's sliding window (0: full attention); blocks with one keep a
-    ring of window + ``ROLLBACK_SLACK`` positions instead of the whole context."""
+    """Owns every session's cache for one span. The budget counts pages held by sessions.
+    ``windows`` gives each block's sliding window (0: full attention); blocks with one keep only
+    their last window + ``ROLLBACK_SLACK`` positions (pages before that go back to the store)."""
 
     def __init__(
         self,
@@ -101,39 +116,39 @@ class KVCachePool:
         device: torch.device,
         budget_bytes: int,
         max_length: int,
-        chunk_tokens: int = 256,
+        page_tokens: int = PAGE_TOKENS,
         windows: list[int] | None = None,
     ):
         self.n_layers = n_layers
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self.budget_bytes = budget_bytes
         self.max_length = max_length
-        self.chunk_tokens = chunk_tokens
+        self.page = page_tokens
         windows = windows or [0] * n_layers
         # A window no smaller than the context is no window: such blocks keep everything.
         ringed = [0 < w and w + ROLLBACK_SLACK < max_length for w in windows]
         self.ring = max((w for w, r in zip(windows, ringed) if r), default=-ROLLBACK_SLACK) + ROLLBACK_SLACK
-        self.layers, counts = [], [0, 0]
+        kinds = sorted(set(ringed))  # False (full) first
+        self.ringed = kinds
+        counts = {kind: 0 for kind in kinds}
+        self.layers: list[tuple[int, int]] = []  # per span block: (store, layer within the store)
         for r in ringed:
-            self.layers.append((r, counts[r]))
+            self.layers.append((kinds.index(r), counts[r]))
             counts[r] += 1
-        self.n_full, self.n_ringed = counts
+        self.stores = [PageStore(counts[kind], n_kv_heads, head_dim, dtype, device, page_tokens) for kind in kinds]
         self.sessions: dict[str, SessionCache] = {}
         self.used_bytes = 0
 
-    def _token_bytes(self, layers: int) -> int:
-        return 2 * layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    def _ring_positions(self, capacity: int) -> int:
-        return capacity if capacity <= self.ring else 2 * self.ring
+    def _pages_for(self, positions: int, ringed: bool) -> int:
+        pages = -(-positions // self.page)
+        # A ring's positions [high - ring, high) touch at most this many pages.
+        return min(pages, -(-self.ring // self.page) + 1) if ringed else pages
 
     def bytes_for(self, capacity: int) -> int:
-        """A session's bytes at ``capacity`` positions: its full blocks grow with it, its rings
-        up to twice their size and no further."""
-        return capacity * self._token_bytes(self.n_full) + self._ring_positions(capacity) * self._token_bytes(self.n_ringed)
+        """A session's bytes at ``capacity`` positions: its full blocks grow with it, its
+        sliding-window blocks up to their ring and no further."""
+        return sum(self._pages_for(capacity, r) * s.page_bytes for r, s in zip(self.ringed, self.stores))
 
     @property
     def free_bytes(self) -> int:
@@ -150,50 +165,44 @@ class KVCachePool:
         needed = length + new_tokens
         if needed > self.max_length:
             raise KVBudgetExceeded(f"session {session} would reach {needed} tokens; the context window is {self.max_length}")
-        if cache is not None and needed <= cache.capacity:
-            return cache
-        capacity = min(self.max_length, -(-needed // self.chunk_tokens) * self.chunk_tokens)
-        old_bytes = cache.nbytes if cache is not None else 0
-        extra = self.bytes_for(capacity) - old_bytes
+        want = -(-needed // self.page)
+        have = [len(p) for p in cache.pages] if cache is not None else [0] * len(self.stores)
+        extra = sum(max(0, want - h) * s.page_bytes for h, s in zip(have, self.stores))
         if extra > self.free_bytes:
             raise KVBudgetExceeded(
                 f"KV cache budget exhausted: session {session} needs {extra} more bytes, "
                 f"{self.free_bytes} of {self.budget_bytes} free across {len(self.sessions)} sessions"
             )
-        shape = (self.n_full, self.n_kv_heads, capacity, self.head_dim)
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        rings = self._grown_rings(cache, capacity)
-        if cache is not None:
-            k[:, :, :length] = cache.k[:, :, :length]
-            v[:, :, :length] = cache.v[:, :, :length]
-            cache.k, cache.v = k, v
-            cache.ring_k, cache.ring_v = rings
-        else:
-            cache = SessionCache(k, v, self.layers, *rings, ring=self.ring)
-            self.sessions[session] = cache
+        if cache is None:
+            cache = self.sessions[session] = SessionCache([[] for _ in self.stores], [torch.empty(0, dtype=torch.long)] * len(self.stores),
+                                                         [0] * len(self.stores))
+        for i, store in enumerate(self.stores):
+            if want > have[i]:
+                pages = store.take(want - have[i])
+                cache.pages[i].extend(pages)
+                cache.slots[i] = torch.cat([cache.slots[i], store.slots(pages)])
         self.used_bytes += extra
         return cache
 
-    def _grown_rings(self, cache: SessionCache | None, capacity: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.n_ringed:
-            return None, None
-        size = self._ring_positions(capacity)
-        if cache is not None and cache.ring_k.shape[2] == size:
-            return cache.ring_k, cache.ring_v
-        shape = (self.n_ringed, self.n_kv_heads, size, self.head_dim)
-        grown = torch.empty(shape, dtype=self.dtype, device=self.device), torch.empty(shape, dtype=self.dtype, device=self.device)
-        if cache is not None:
-            held = cache.ring_k.shape[2]  # below ``ring``: no position has wrapped yet
-            for new, old in zip(grown, (cache.ring_k, cache.ring_v)):
-                new[:, :, :held] = old
-                if size == 2 * self.ring:
-                    new[:, :, self.ring:self.ring + held] = old
-        return grown
+    def advance(self, cache: SessionCache, end: int) -> None:
+        """A forward wrote positions up to ``end``: the session's new length. Sliding-window
+        stores let go of the pages wholly before the ring."""
+        cache.length = end
+        cache.high = max(cache.high, end)
+        for i, (ringed, store) in enumerate(zip(self.ringed, self.stores)):
+            if not ringed:
+                continue
+            keep_from = max(0, cache.high - self.ring) // self.page
+            if keep_from > cache.dropped[i]:
+                pages = cache.pages[i][cache.dropped[i]:keep_from]
+                store.give_back(pages)
+                cache.pages[i][cache.dropped[i]:keep_from] = [0] * len(pages)
+                cache.dropped[i] = keep_from
+                self.used_bytes -= len(pages) * store.page_bytes
 
     def rollback(self, session: str, length: int) -> None:
         """Forget every position at or after ``length`` (rejected draft tokens, replays), or the
-        whole session where its sliding-window rings cannot go back that far."""
+        whole session where its sliding-window blocks cannot go back that far."""
         cache = self.sessions.get(session)
         if cache is None:
             if length == 0:
@@ -201,7 +210,8 @@ class KVCachePool:
             raise UnknownSession(session)
         if not 0 <= length <= cache.length:
             raise ValueError(f"cannot roll session {session} back to {length}: it holds {cache.length} positions")
-        if cache.ring_k is not None and max(0, length - (self.ring - ROLLBACK_SLACK) + 1) < cache.high - cache.ring:
+        kept_from = max((d * self.page for r, d in zip(self.ringed, cache.dropped) if r), default=0)
+        if max(0, length - (self.ring - ROLLBACK_SLACK) + 1) < kept_from:
             # The rings no longer hold the window before ``length`` (a rollback deeper than the
             # slack): forget the whole session. Its next forward from ``length`` is out of step,
             # a clear error the Oracle answers by replaying the session from its history.
@@ -215,19 +225,33 @@ class KVCachePool:
         if src is None:
             raise UnknownSession(source)
         self.free(target)
-        if src.nbytes > self.free_bytes:
-            raise KVBudgetExceeded(f"KV cache budget exhausted: forking {source} needs {src.nbytes} bytes, "
+        held = src.held()
+        needed = sum(len(p) * s.page_bytes for p, s in zip(held, self.stores))
+        if needed > self.free_bytes:
+            raise KVBudgetExceeded(f"KV cache budget exhausted: forking {source} needs {needed} bytes, "
                                    f"{self.free_bytes} of {self.budget_bytes} free across {len(self.sessions)} sessions")
-        # A whole copy: its rings may have wrapped, so positions are not where a fresh cache keeps them.
-        self.sessions[target] = SessionCache(
-            src.k.clone(), src.v.clone(), src.layers, src.ring_k.clone() if src.ring_k is not None else None,
-            src.ring_v.clone() if src.ring_v is not None else None, ring=src.ring, length=src.length, high=src.high)
-        self.used_bytes += src.nbytes
+        copy = SessionCache([], [], list(src.dropped), length=src.length, high=src.high)
+        for store, pages, dropped in zip(self.stores, held, src.dropped):
+            new = store.take(len(pages))
+            if pages:
+                into, out_of = store.slots(new), store.slots(pages)
+                store.k.index_copy_(2, into, store.k.index_select(2, out_of))
+                store.v.index_copy_(2, into, store.v.index_select(2, out_of))
+            copy.pages.append([0] * dropped + new)
+            copy.slots.append(torch.cat([torch.zeros(dropped * self.page, dtype=torch.long), store.slots(new)]))
+        self.sessions[target] = copy
+        self.used_bytes += needed
 
     def free(self, session: str) -> None:
         cache = self.sessions.pop(session, None)
-        if cache is not None:
-            self.used_bytes -= cache.nbytes
+        if cache is None:
+            return
+        for store, pages in zip(self.stores, cache.held()):
+            store.give_back(pages)
+            self.used_bytes -= len(pages) * store.page_bytes
+        if not self.sessions:
+            for store in self.stores:
+                store.reset()
 
     def expire_idle(self, now: float, idle_seconds: float) -> list[str]:
         stale = [s for s, c in self.sessions.items() if now - c.last_used > idle_seconds]

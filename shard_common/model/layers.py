@@ -1,31 +1,22 @@
 """Plain tensor code for one Llama-family transformer block (gpt-fast style).
 
 A block works on a ragged batch: the hidden states of every session's new tokens are
-concatenated along the first axis ([T, d_model]); the projections run once over all of them,
-and only attention runs per session, against that session's own KV cache.
+concatenated along the first axis ([T, d_model]); the projections run once over all of them.
+Attention reads every session's keys from the span's paged KV pool: decode rows (one new token
+each) all in one gather and one matmul pair, prefill rows per session.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kv_cache import SessionCache
+from .kv_batch import DecodeGroup, KVBatch
 from .linear import make_linear
 from .qtensor import QTensor
-
-
-@dataclass
-class SeqSlice:
-    """One session's share of a ragged batch: ``n`` new tokens at positions [start, start + n)."""
-
-    cache: SessionCache
-    start: int
-    n: int
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -124,41 +115,46 @@ class Block(torch.nn.Module):
         self.scale = config.attn_scale
         self.act_dtype = dtype
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, seqs: list[SeqSlice]) -> torch.Tensor:
-        """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd]; returns [T, q_dim]
-        in the cache's dtype."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: KVBatch) -> torch.Tensor:
+        """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd] in the cache's
+        dtype; returns [T, q_dim] in the cache's dtype."""
         cfg = self.config
         hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
-        outs = []
-        offset = 0
-        for s in seqs:
-            n, end = s.n, s.start + s.n
-            # A sliding-window block sees the last ``window`` positions (itself included).
-            first = max(0, end - self.window - n + 1) if self.window else 0
-            keys, values = s.cache.update(layer, s.start, k[offset:offset + n].transpose(0, 1),
-                                          v[offset:offset + n].transpose(0, 1), first)
-            if n == 1:
-                # Decode: the g query heads sharing a KV head form a [hkv, g, hd] batch (a view,
-                # no copy), and plain matmuls beat SDPA's dispatch for one query row.
-                qs = q[offset].view(hkv, g, hd)
-                weights = torch.softmax(torch.matmul(qs, keys.transpose(1, 2)), dim=-1)
-                outs.append(torch.matmul(weights, values).view(1, cfg.q_dim))
-            else:
-                # Grouped-query attention without repeating K/V: the query heads sharing one KV
-                # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
-                qs = q[offset:offset + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
-                key_pos = torch.arange(first, end, device=q.device)
-                query_pos = torch.arange(s.start, end, device=q.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
-                if self.window:
-                    mask &= key_pos[None, :] > query_pos[:, None] - self.window
-                mask = mask.repeat(g, 1)
-                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=1.0)
-                outs.append(o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim))
-            offset += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        store, within = batch.store(layer)
+        keys_all, values_all = store.k[within], store.v[within]  # [hkv, slots, hd]
+        slots = batch.writes(layer)
+        keys_all.index_copy_(1, slots, k.transpose(0, 1))
+        values_all.index_copy_(1, slots, v.transpose(0, 1))
+        reads = batch.reads(layer, self.window)
+        if len(reads.decode) == 1 and reads.decode[0].rows is None:
+            return self._decode(q, keys_all, values_all, reads.decode[0])
+        out = q.new_empty(q.shape[0], cfg.q_dim)
+        for group in reads.decode:
+            out.index_copy_(0, group.rows, self._decode(q.index_select(0, group.rows), keys_all, values_all, group))
+        for p in reads.prefill:
+            # Grouped-query attention without repeating K/V: the query heads sharing one KV
+            # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
+            n = p.n
+            qs = q[p.row:p.row + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
+            o = F.scaled_dot_product_attention(qs, keys_all.index_select(1, p.index), values_all.index_select(1, p.index),
+                                               attn_mask=p.mask, scale=1.0)
+            out[p.row:p.row + n] = o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim)
+        return out
 
-    def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, keys_all: torch.Tensor, values_all: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+        """One query row per session: every session of the group in one gather and one matmul
+        pair, the g query heads sharing a KV head as the rows of one small matmul (plain matmuls
+        beat SDPA's dispatch for so few query rows)."""
+        cfg = self.config
+        hkv, hd, g, b, width = cfg.n_kv_heads, cfg.head_dim, self.group, group.size, group.keys
+        qs = q.view(b, hkv, g, hd).transpose(0, 1).reshape(hkv * b, g, hd)
+        keys = keys_all.index_select(1, group.index).view(hkv * b, width, hd)
+        values = values_all.index_select(1, group.index).view(hkv * b, width, hd)
+        scores = torch.bmm(qs, keys.transpose(1, 2)).add_(group.mask)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values)
+        return out.view(hkv, b, g, hd).transpose(0, 1).reshape(b, cfg.q_dim)
+
+    def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         """``h`` is the fp32 residual stream [T, d_model]. Only matmul inputs drop to the activation
         dtype: a bf16 residual stream loses enough over 30 blocks to flip near-tied tokens."""
         cfg = self.config
@@ -169,12 +165,12 @@ class Block(torch.nn.Module):
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, qk.dtype)
         qk = apply_rope(qk, cos, sin)
-        kv_dtype = seqs[0].cache.k.dtype
+        kv_dtype = batch.pool.dtype
         qk = qk.to(kv_dtype)
         q = qk[:, : cfg.n_heads] * self.scale
         k = qk[:, cfg.n_heads:]
-        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim)
-        attn = self.wo(self.attention(q, k, v, layer, seqs).to(self.act_dtype))
+        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim).to(kv_dtype)
+        attn = self.wo(self.attention(q, k, v, layer, batch).to(self.act_dtype))
         if self.post_attn_norm is not None:
             attn = rms_norm(attn, self.post_attn_norm, cfg.norm_eps, torch.float32)
         h = h + attn

@@ -9,7 +9,8 @@ import torch
 
 from .config import ModelConfig
 from .kv_cache import KVCachePool
-from .layers import Block, RotaryTable, SeqSlice
+from .kv_batch import Entry, KVBatch
+from .layers import Block, RotaryTable
 from .memory import release_after_build
 from .runtime import Runtime
 from .weights import ModelWeights
@@ -62,19 +63,20 @@ class Span:
             if r.start != have:
                 raise SessionOutOfStep(f"session {r.session}: forward starts at {r.start} but its cache holds {have} positions")
         now = time.monotonic()
-        seqs = []
+        entries = []
         for r in requests:
             cache = self.kv.reserve(r.session, r.n_tokens)
             cache.last_used = now
-            seqs.append(SeqSlice(cache, r.start, r.n_tokens))
+            entries.append(Entry(cache, r.start, r.n_tokens))
+        batch = KVBatch(self.kv, entries, self.config.n_kv_heads, self.config.n_heads // self.config.n_kv_heads, self.runtime.device)
         positions = torch.cat([torch.arange(r.start, r.start + r.n_tokens) for r in requests]).to(self.runtime.device)
         end = max(r.start + r.n_tokens for r in requests)
         tables = {base: rope.lookup(positions, end) for base, rope in self.ropes.items()}
         h = hidden.to(self.runtime.device, torch.float32)
         for layer, block in enumerate(self.blocks):
-            h = block(h, layer, *tables[block.rope_base], seqs)
-        for s in seqs:
-            s.cache.length = s.start + s.n
+            h = block(h, layer, *tables[block.rope_base], batch)
+        for e in entries:
+            self.kv.advance(e.cache, e.start + e.n)
         return h
 
     def rollback(self, session: str, length: int) -> None:

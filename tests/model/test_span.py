@@ -114,3 +114,35 @@ def test_budget_error_when_cache_is_full(weights, quant_parts):
     tiny = Span(weights, 0, 2, runtime, kv_budget_bytes=1)
     with pytest.raises(KVBudgetExceeded):
         tiny.forward(ends.embed([1, 2]), [SpanRequest("x", 0, 2)])
+
+
+def test_a_decoding_session_is_bit_identical_alone_and_batched(quant_parts, tokenizer):
+    """Decode rows of every session attend in one batched call: a session's output must not
+    depend on who else is in the batch (other lengths, a prefill beside it, its position in it)."""
+    _, span, ends = quant_parts
+    ids = tokenizer.encode("One session alone, then the same session among others of other lengths.")
+    alone, batched = new_session(), new_session()
+    others = [(new_session(), n) for n in (3, 40, 90)]
+    for s in (alone, batched):
+        span.forward(ends.embed(ids), [SpanRequest(s, 0, len(ids))])
+    for s, n in others:
+        span.forward(ends.embed((ids * 8)[:n]), [SpanRequest(s, 0, n)])
+    newcomer = new_session()
+    token, others_at = ids[-1], {s: n for s, n in others}
+    for step in range(4):
+        pos = len(ids) + step
+        h_alone = span.forward(ends.embed([token]), [SpanRequest(alone, pos, 1)])
+        requests = [SpanRequest(s, others_at[s], 1) for s, _ in others[:2]] + [SpanRequest(batched, pos, 1)]
+        requests += [SpanRequest(others[2][0], others_at[others[2][0]], 1)]
+        rows = [token] * len(requests)
+        if step == 1:  # a prefill among the decodes
+            requests.append(SpanRequest(newcomer, 0, 7))
+            rows += ids[:7]
+        h = span.forward(ends.embed(rows), requests)
+        assert torch.equal(h[2:3], h_alone)
+        for s, _ in others:
+            others_at[s] += 1
+        token = int(ends.logits(h_alone).argmax())
+    for s in (alone, batched, newcomer, *(s for s, _ in others)):
+        span.free(s)
+    assert span.kv.sessions == {} and span.kv.used_bytes == 0

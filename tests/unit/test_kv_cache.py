@@ -1,25 +1,47 @@
 import pytest
 import torch
 
-from shard_common.model.kv_cache import ROLLBACK_SLACK, KVBudgetExceeded, KVCachePool, UnknownSession
+from shard_common.model.kv_batch import padded_keys
+from shard_common.model.kv_cache import INITIAL_PAGES, ROLLBACK_SLACK, KVBudgetExceeded, KVCachePool, UnknownSession
 
 
-def pool(budget_tokens=1024, max_length=4096, chunk=16):
-    p = KVCachePool(2, 1, 4, torch.float32, torch.device("cpu"), budget_bytes=0, max_length=max_length, chunk_tokens=chunk)
+def pool(budget_tokens=1024, max_length=4096, page=16):
+    p = KVCachePool(2, 1, 4, torch.float32, torch.device("cpu"), budget_bytes=0, max_length=max_length, page_tokens=page)
     p.budget_bytes = p.bytes_for(budget_tokens)
     return p
 
 
-def test_grows_in_chunks_and_keeps_contents():
+def write(p, session, start, values):
+    """Positions start.. of ``session`` get ``values`` ([n]) as every key and value component,
+    the way a forward writes them."""
+    c = p.reserve(session, len(values))
+    for store in p.stores:
+        slots = c.slots[p.stores.index(store)][start:start + len(values)]
+        store.k[:, :, slots] = values.view(1, 1, -1, 1)
+        store.v[:, :, slots] = 2 * values.view(1, 1, -1, 1)
+    p.advance(c, start + len(values))
+    return c
+
+
+def read(p, session, first, end, store=0):
+    c = p.sessions[session]
+    slots = c.slots[store][first:end]
+    return p.stores[store].k[0, 0, slots, 0], p.stores[store].v[0, 0, slots, 0]
+
+
+def test_grows_a_page_at_a_time_and_keeps_contents():
     p = pool()
-    c = p.reserve("a", 10)
-    assert c.capacity == 16
-    c.k[:, :, :10] = 1.0
-    c.length = 10
-    c = p.reserve("a", 10)
-    assert c.capacity == 32
-    assert torch.all(c.k[:, :, :10] == 1.0)
-    assert p.used_bytes == p.bytes_for(32)
+    c = write(p, "a", 0, torch.arange(10.0))
+    assert len(c.pages[0]) == 1 and p.used_bytes == p.bytes_for(16)
+    # Enough sessions that the store itself must grow (a copy of everything held).
+    for i in range(INITIAL_PAGES):
+        write(p, f"s{i}", 0, torch.full((20,), float(i)))
+    write(p, "a", 10, torch.arange(10.0, 30.0))
+    assert p.stores[0].pages > INITIAL_PAGES
+    assert torch.equal(read(p, "a", 0, 30)[0], torch.arange(30.0))
+    assert torch.equal(read(p, "s3", 0, 20)[1], torch.full((20,), 6.0))
+    assert p.used_bytes == p.bytes_for(32) * (1 + INITIAL_PAGES)
+    assert 0 not in c.pages[0]  # page 0 is the zero page padding reads point at
 
 
 def test_budget_exhaustion_is_a_clear_error():
@@ -40,8 +62,7 @@ def test_context_window_limit():
 
 def test_rollback_bounds():
     p = pool()
-    c = p.reserve("a", 8)
-    c.length = 8
+    write(p, "a", 0, torch.arange(8.0))
     p.rollback("a", 3)
     assert p.length("a") == 3
     with pytest.raises(ValueError):
@@ -52,65 +73,68 @@ def test_rollback_bounds():
 
 def test_fork_copies_valid_positions():
     p = pool()
-    c = p.reserve("a", 5)
-    c.k[:, :, :5] = torch.arange(5.0).view(1, 1, 5, 1)
-    c.length = 5
+    write(p, "a", 0, torch.arange(5.0))
     p.fork("a", "b")
-    b = p.sessions["b"]
-    assert b.length == 5 and torch.equal(b.k[:, :, :5], c.k[:, :, :5])
-    b.k.zero_()
-    assert c.k[0, 0, 4, 0] == 4.0
+    assert p.length("b") == 5 and torch.equal(read(p, "b", 0, 5)[0], torch.arange(5.0))
+    write(p, "b", 5, torch.tensor([9.0]))
+    p.rollback("b", 0)
+    write(p, "b", 0, torch.zeros(3))
+    assert torch.equal(read(p, "a", 0, 5)[0], torch.arange(5.0))  # the copy is its own
+    assert p.used_bytes == 2 * p.bytes_for(16)
 
 
-def test_expire_idle():
+def test_expire_idle_and_an_empty_pool_gives_its_memory_back():
     p = pool()
+    for i in range(2 * INITIAL_PAGES):
+        p.reserve(f"x{i}", 1).last_used = 100.0
     p.reserve("a", 1).last_used = 0.0
-    p.reserve("b", 1).last_used = 100.0
     assert p.expire_idle(now=110.0, idle_seconds=50) == ["a"]
-    assert list(p.sessions) == ["b"]
+    assert len(p.sessions) == 2 * INITIAL_PAGES and p.stores[0].pages > INITIAL_PAGES
+    for i in range(2 * INITIAL_PAGES):
+        p.free(f"x{i}")
+    assert p.used_bytes == 0 and p.stores[0].pages == INITIAL_PAGES
 
 
 def ring_pool(window=4, max_length=4096):
     """Block 0 attends fully, block 1 through a sliding window."""
     return KVCachePool(2, 1, 2, torch.float32, torch.device("cpu"), budget_bytes=1 << 30, max_length=max_length,
-                       chunk_tokens=16, windows=[0, window])
+                       page_tokens=16, windows=[0, window])
 
 
 def feed(p, session, reference, start, n, window=4):
-    """Positions start..start+n through both blocks; checks what attention gets against ``reference``
-    (every position's true key, as a full cache would hold it)."""
-    c = p.reserve(session, n)
+    """Positions start..start+n through both blocks; checks what attention would read against
+    ``reference`` (every position's true key, as a full cache would hold it)."""
+    new = torch.randn(n)
+    reference[start:start + n] = new
+    write(p, session, start, new)
     end = start + n
-    new = torch.randn(1, n, 2)
-    reference[start:end] = new[0]
-    for layer, w in ((0, 0), (1, window)):
+    for store, w in ((0, 0), (1, window)):
         first = max(0, end - w - n + 1) if w else 0
-        keys, values = c.update(layer, start, new, new * 2, first)
-        assert torch.equal(keys[0], reference[first:end]) and torch.equal(values[0], 2 * reference[first:end])
-    c.length = end
+        keys, values = read(p, session, first, end, store)
+        assert torch.equal(keys, reference[first:end]) and torch.equal(values, 2 * reference[first:end])
 
 
 def test_a_sliding_window_block_keeps_a_ring_and_attention_sees_its_window():
     p = ring_pool()
     assert p.ring == 4 + ROLLBACK_SLACK
-    reference = torch.zeros(2000, 2)
+    reference = torch.zeros(2000)
     feed(p, "a", reference, 0, 3)
-    # Short of the ring, a sliding block's buffer grows with the session like a full one's.
-    c = p.sessions["a"]
-    assert c.ring_k.shape[2] == c.capacity == 16 and c.nbytes == p.bytes_for(16) == 2 * 16 * 2 * 1 * 2 * 4
     position = 3
     for n in (1, 1, 70, 1, 200, 1, 1, 5, 1):  # a chunk longer than the ring, decode steps, small verifies
         feed(p, "a", reference, position, n)
         position += n
     c = p.sessions["a"]
-    assert c.ring_k.shape[2] == 2 * p.ring and c.capacity >= position
+    # The sliding store let go of every page wholly before the ring; the full store kept all.
+    assert c.dropped[1] > 0 and all(page == 0 for page in c.pages[1][:c.dropped[1]])
+    assert len(c.held()[1]) <= -(-p.ring // 16) + 1 and len(c.held()[0]) == -(-position // 16)
+    assert p.used_bytes == sum(len(pages) * s.page_bytes for pages, s in zip(c.held(), p.stores))
     # A session of any length costs its full blocks per position plus a fixed ring.
-    assert c.nbytes == p.bytes_for(c.capacity) < 2 * p.bytes_for(c.capacity // 2)
+    assert p.bytes_for(4096) < 2 * p.bytes_for(2048)
 
 
 def test_ring_rollbacks_within_the_slack_work_and_deeper_ones_forget_the_session():
     p = ring_pool()
-    reference = torch.zeros(2000, 2)
+    reference = torch.zeros(2000)
     feed(p, "a", reference, 0, 300)
     p.rollback("a", 300 - 8)  # a rejected draft
     feed(p, "a", reference, 292, 4)
@@ -121,3 +145,9 @@ def test_ring_rollbacks_within_the_slack_work_and_deeper_ones_forget_the_session
     used = p.used_bytes
     p.rollback("a", 200)  # the rings lost positions 200-W..200: nothing half-valid is kept
     assert "a" not in p.sessions and p.length("a") == 0 and p.used_bytes < used
+
+
+def test_padded_key_widths_bound_the_waste_and_never_shrink():
+    widths = [padded_keys(n) for n in range(1, 5000)]
+    assert all(n <= w <= max(32, n * 1.25) for n, w in zip(range(1, 5000), widths))
+    assert widths == sorted(widths) and len(set(widths)) < 50

@@ -32,6 +32,7 @@ class DecodeGroup:
     keys: int
     index: torch.Tensor
     mask: torch.Tensor
+    run: int | None = None  # a group of one session whose keys lie in slots run.. run + keys: read as a view
 
 
 @dataclass
@@ -86,7 +87,7 @@ class KVBatch:
         return self._reads[key]
 
     def _plan(self, store: int, window: int) -> Reads:
-        by_width: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        by_width: dict[int, list[tuple[int, torch.Tensor, int | None]]] = {}
         prefill = []
         row = 0
         for e in self.entries:
@@ -95,25 +96,37 @@ class KVBatch:
             first = max(0, end - window - e.n + 1) if window else 0
             slots = e.cache.slots[store][first:end]
             if e.n == 1:
-                by_width.setdefault(padded_keys(end - first), []).append((row, slots))
+                width = padded_keys(end - first)
+                by_width.setdefault(width, []).append((row, slots, self._run(e.cache.pages[store], first, end, width, store)))
             else:
                 prefill.append(PrefillRead(row, e.n, slots.to(self.device), self._prefill_mask(first, e.start, end, window)))
             row += e.n
         decode = [self._group(width, members) for width, members in by_width.items()]
         return Reads(decode, prefill)
 
-    def _group(self, width: int, members: list[tuple[int, torch.Tensor]]) -> DecodeGroup:
+    def _run(self, pages: list[int], first: int, end: int, width: int, store: int) -> int | None:
+        """The first slot of positions ``first..`` if they and the padding after them are consecutive
+        slots of the store (what is past ``end`` is masked out; the store holds only finite values)."""
+        page = self.pool.page
+        held = pages[first // page:(end - 1) // page + 1]
+        start = held[0] * page + first % page
+        if held != list(range(held[0], held[0] + len(held))) or start + width > self.pool.stores[store].k.shape[2]:
+            return None
+        return start
+
+    def _group(self, width: int, members: list[tuple[int, torch.Tensor, int | None]]) -> DecodeGroup:
         index = torch.zeros(len(members), width, dtype=torch.long)
-        lengths = torch.tensor([len(slots) for _, slots in members])
-        for i, (_, slots) in enumerate(members):
+        lengths = torch.tensor([len(slots) for _, slots, _ in members])
+        for i, (_, slots, _) in enumerate(members):
             index[i, : len(slots)] = slots
         dtype = self.pool.dtype
         mask = torch.zeros(len(members), 1, width, dtype=dtype).masked_fill_(
             torch.arange(width)[None, None, :] >= lengths[:, None, None], float("-inf"))
-        rows = [r for r, _ in members]
+        rows = [r for r, _, _ in members]
         in_order = rows == list(range(self.rows))
         return DecodeGroup(None if in_order else torch.tensor(rows, device=self.device), len(members), width,
-                           index.flatten().to(self.device), mask.repeat(self.n_kv_heads, 1, 1).to(self.device))
+                           index.flatten().to(self.device), mask.repeat(self.n_kv_heads, 1, 1).to(self.device),
+                           members[0][2] if len(members) == 1 else None)
 
     def _prefill_mask(self, first: int, start: int, end: int, window: int) -> torch.Tensor:
         key_pos = torch.arange(first, end)

@@ -64,8 +64,10 @@ class PageStore:
         k, v = self.k, self.v
         n_layers, n_kv_heads, head_dim = self._shape
         shape = (n_layers, n_kv_heads, pages * self.page, head_dim)
-        self.k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeros, not empty memory: a single session's keys are read as a view that runs past its
+        # last position into masked-out slots, which must hold finite values.
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k[:, :, : k.shape[2]] = k
         self.v[:, :, : v.shape[2]] = v
         self.free_pages[:0] = range(pages - 1, old - 1, -1)

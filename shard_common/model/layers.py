@@ -58,9 +58,9 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, for [T, heads, head_dim] with the signed ``sin`` above."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
+    """x * cos + rotate_half(x) * sin, for [T, heads, head_dim] with the signed ``sin`` above: the
+    halves swapped by one roll, three ops where slicing and concatenating took six."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
 
 
 def fused_linear(parts: list[QTensor], biases: list[QTensor | None], device, dtype, dense: bool, name: str):
@@ -116,8 +116,8 @@ class Block(torch.nn.Module):
         self.act_dtype = dtype
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: KVBatch) -> torch.Tensor:
-        """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd] in the cache's
-        dtype; returns [T, q_dim] in the cache's dtype."""
+        """q [T, n_heads, hd], k/v [T, n_kv_heads, hd] in the cache's dtype; returns [T, q_dim] in the
+        cache's dtype. The query scale is applied inside the score matmul (no op of its own)."""
         cfg = self.config
         hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
         store, within = batch.store(layer)
@@ -137,7 +137,7 @@ class Block(torch.nn.Module):
             n = p.n
             qs = q[p.row:p.row + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
             o = F.scaled_dot_product_attention(qs, keys_all.index_select(1, p.index), values_all.index_select(1, p.index),
-                                               attn_mask=p.mask, scale=1.0)
+                                               attn_mask=p.mask, scale=self.scale)
             out[p.row:p.row + n] = o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim)
         return out
 
@@ -148,9 +148,12 @@ class Block(torch.nn.Module):
         cfg = self.config
         hkv, hd, g, b, width = cfg.n_kv_heads, cfg.head_dim, self.group, group.size, group.keys
         qs = q.view(b, hkv, g, hd).transpose(0, 1).reshape(hkv * b, g, hd)
-        keys = keys_all.index_select(1, group.index).view(hkv * b, width, hd)
-        values = values_all.index_select(1, group.index).view(hkv * b, width, hd)
-        scores = torch.bmm(qs, keys.transpose(1, 2)).add_(group.mask)
+        if group.run is not None:  # one session whose keys lie in consecutive slots: a view, no gather
+            keys, values = keys_all[:, group.run:group.run + width], values_all[:, group.run:group.run + width]
+        else:
+            keys = keys_all.index_select(1, group.index).view(hkv * b, width, hd)
+            values = values_all.index_select(1, group.index).view(hkv * b, width, hd)
+        scores = torch.baddbmm(group.mask, qs, keys.transpose(1, 2), alpha=self.scale)
         out = torch.bmm(torch.softmax(scores, dim=-1), values)
         return out.view(hkv, b, g, hd).transpose(0, 1).reshape(b, cfg.q_dim)
 
@@ -162,12 +165,12 @@ class Block(torch.nn.Module):
         qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps, self.act_dtype))
         # q and k share one RoPE application: they are adjacent columns of the fused projection.
         qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
-        if self.qk_norm is not None:
-            qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, qk.dtype)
-        qk = apply_rope(qk, cos, sin)
         kv_dtype = batch.pool.dtype
-        qk = qk.to(kv_dtype)
-        q = qk[:, : cfg.n_heads] * self.scale
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, kv_dtype)
+        # RoPE in the cache's dtype (fp32 on CPU): rotating in bf16 moved keys enough to change answers.
+        qk = apply_rope(qk.to(kv_dtype), cos, sin)
+        q = qk[:, : cfg.n_heads]
         k = qk[:, cfg.n_heads:]
         v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim).to(kv_dtype)
         attn = self.wo(self.attention(q, k, v, layer, batch).to(self.act_dtype))

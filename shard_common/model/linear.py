@@ -86,17 +86,17 @@ class Int4Linear(torch.nn.Module):
         self.matmul = torch._weight_int4pack_mm if on_cuda else torch._weight_int4pack_mm_for_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        if x.dim() != 2:  # the blocks' [T, d] needs no reshaping: each op saved counts at batch 1
+            return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         if self.widened:
-            flat = widen_input(flat)
+            x = widen_input(x)
         y = None
         for packed, scales_zeros in self.planes:
-            part = self.matmul(flat, packed, 32, scales_zeros)
+            part = self.matmul(x, packed, 32, scales_zeros)
             y = part if y is None else y + part
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y
 
 
 class Int8Linear(torch.nn.Module):

@@ -2,7 +2,7 @@
 first token and inter-token latency percentiles, for 1, 4 and 16 clients.
 
     python bench/api.py [--clients 1 4 16] [--max-tokens 64] [--url http://host:port]
-    python bench/api.py --vs-llama-server MODEL.gguf [--llama-server BIN] [--threads 2]
+    python bench/api.py --vs-llama-server MODEL.gguf [--llama-server BIN] [--threads 2] [--rounds 3]
 
 ``--vs-llama-server``: the same clients against the Oracle serving MODEL and against llama.cpp's
 own server on the same file and thread count (``llama-server`` with one slot per client and
@@ -46,8 +46,10 @@ def pct(values: list[float], q: float) -> float:
 async def one_client(session, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streaming request read as raw SSE (an SDK's per-chunk parsing would eat the CPU the
     server needs on a small machine)."""
+    # cache_prompt: llama-server would otherwise keep each slot's prompt and skip its prefill
+    # the next round (the Oracle ignores the field and has no prompt cache).
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "cache_prompt": False}
     start = time.perf_counter()
     arrivals, tokens = [], 0
     async with session.post(url + "/v1/chat/completions", json=body) as response:
@@ -126,44 +128,59 @@ def llama_cpp_command(binary: str | None, model: str, port: int, threads: int, s
     return cmd, name
 
 
-def measure(url: str, key: str, clients: list[int], max_tokens: int) -> list[dict]:
+def measure(url: str, key: str, clients: list[int], max_tokens: int, warm: bool = True) -> list[dict]:
     import requests
 
     model = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"][0]["id"]
-    asyncio.run(run_level(url, model, 1, 8, key))  # warm-up
+    if warm:
+        asyncio.run(run_level(url, model, 1, 8, key))
     return [asyncio.run(run_level(url, model, n, max_tokens, key)) for n in clients]
 
 
+def median_of(runs: list[dict], field: str) -> float:
+    return statistics.median(r[field] for r in runs)
+
+
 def versus(args) -> None:
+    """Both servers up at once (each idle while the other is measured), measured in alternating
+    rounds: on a shared machine whose speed drifts by tens of percent within minutes, a ratio
+    from one back-to-back pass is mostly the drift. Each figure is the median over the rounds."""
     key = "sk-oracle-bench-" + "b" * 32
-    rows = []
     cmd, name = llama_cpp_command(args.llama_server, args.vs_llama_server, args.port + 1, args.threads, max(args.clients),
                                   args.max_tokens + 256)
+    ours_url, theirs_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}"
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(args.port, key, tmp, ["--no-store", "--model", args.vs_llama_server, "--speculative", "off",
-                                                 "--max-running", str(max(args.clients))])
+        procs = [start_server(args.port, key, tmp, ["--no-store", "--model", args.vs_llama_server, "--speculative", "off",
+                                                   "--max-running", str(max(args.clients))]),
+                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         try:
-            wait_ready(f"http://127.0.0.1:{args.port}")
-            ours = measure(f"http://127.0.0.1:{args.port}", key, args.clients, args.max_tokens)
+            wait_ready(ours_url)
+            wait_ready(theirs_url, path="/v1/models")
+            ours, theirs = [], []
+            for round_ in range(args.rounds):
+                ours.append(measure(ours_url, key, args.clients, args.max_tokens, warm=round_ == 0))
+                theirs.append(measure(theirs_url, key, args.clients, args.max_tokens, warm=round_ == 0))
+                print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
+                    f"{a['clients']} clients {a['aggregate_tok_s']:.0f} vs {b['aggregate_tok_s']:.0f} tok/s"
+                    for a, b in zip(ours[-1], theirs[-1])), file=sys.stderr)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"http://127.0.0.1:{args.port + 1}", path="/v1/models")
-        theirs = measure(f"http://127.0.0.1:{args.port + 1}", key, args.clients, args.max_tokens)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    for a, b in zip(ours, theirs):
-        rows.append({"clients": a["clients"], "shard_tok_s": a["aggregate_tok_s"], "llama_cpp_tok_s": b["aggregate_tok_s"],
-                     "ratio": a["aggregate_tok_s"] / b["aggregate_tok_s"], "shard_itl_p50_ms": a["itl_p50_ms"],
-                     "llama_cpp_itl_p50_ms": b["itl_p50_ms"], "shard_ttft_p50_ms": a["ttft_p50_ms"],
-                     "llama_cpp_ttft_p50_ms": b["ttft_p50_ms"]})
-    print(f"shard-oracle serve vs {name}, {args.vs_llama_server}, {args.threads} threads, {args.max_tokens} tokens a stream")
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+    rows = []
+    for level, n in enumerate(args.clients):
+        a, b = [r[level] for r in ours], [r[level] for r in theirs]
+        rows.append({"clients": n, "shard_tok_s": median_of(a, "aggregate_tok_s"), "llama_cpp_tok_s": median_of(b, "aggregate_tok_s"),
+                     "ratio": statistics.median(x["aggregate_tok_s"] / y["aggregate_tok_s"] for x, y in zip(a, b)),
+                     "ratio_min": min(x["aggregate_tok_s"] / y["aggregate_tok_s"] for x, y in zip(a, b)),
+                     "ratio_max": max(x["aggregate_tok_s"] / y["aggregate_tok_s"] for x, y in zip(a, b)),
+                     "shard_itl_p50_ms": median_of(a, "itl_p50_ms"), "llama_cpp_itl_p50_ms": median_of(b, "itl_p50_ms"),
+                     "shard_ttft_p50_ms": median_of(a, "ttft_p50_ms"), "llama_cpp_ttft_p50_ms": median_of(b, "ttft_p50_ms")})
+    print(f"shard-oracle serve vs {name}, {args.vs_llama_server}, {args.threads} threads, {args.max_tokens} tokens a stream, "
+          f"medians of {args.rounds} alternating rounds (ratio: the median of the rounds' ratios)")
     print_table(rows, list(rows[0]))
     print("wrote", write_json("api-vs-llama-cpp", {"model": args.vs_llama_server, "llama_cpp": name, "threads": args.threads,
-                                                   "max_tokens": args.max_tokens, "results": rows}))
+                                                   "max_tokens": args.max_tokens, "rounds": args.rounds, "results": rows}))
 
 
 def main() -> None:
@@ -176,6 +193,7 @@ def main() -> None:
     parser.add_argument("--vs-llama-server", metavar="MODEL", help="a GGUF file: run the clients against the Oracle and llama.cpp's server on it")
     parser.add_argument("--llama-server", metavar="BIN", help="the llama-server binary (default: llama-server on PATH)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp's threads (the Oracle uses torch's default: every core)")
+    parser.add_argument("--rounds", type=int, default=3, help="--vs-llama-server: alternating rounds of both servers; figures are medians")
     args = parser.parse_args()
     if args.vs_llama_server:
         return versus(args)

@@ -68,7 +68,7 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
 
     decode(1)
     b1 = max(decode(1) for _ in range(2))
-    batched = {f"decode_b{b}_tok_s": decode(b) for b in batches}
+    batched = {f"decode_b{b}_tok_s": max(decode(b) for _ in range(2)) for b in batches}  # best of two: bursts of noise here
 
     def verify_vs_steps():
         s = f"v{next(counter)}"

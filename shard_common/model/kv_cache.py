@@ -35,12 +35,16 @@ class PageStore:
     handed out and stays zero: padded reads point at it, so a masked-out key is 0, never garbage
     (0 times a NaN left in unused memory would still be a NaN)."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, page: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, page: int,
+                 budget_bytes: int):
         self.page = page
         self._shape = (n_layers, n_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.page_bytes = 2 * n_layers * n_kv_heads * head_dim * page * torch.finfo(dtype).bits // 8
-        self._allocate(INITIAL_PAGES)
+        # Doubling stops at the budget (and the zero page): a store never holds much more than
+        # its sessions may use, which matters on a GPU.
+        self.max_pages = budget_bytes // self.page_bytes + 1
+        self._allocate(min(INITIAL_PAGES, self.max_pages))
 
     def _allocate(self, pages: int) -> None:
         n_layers, n_kv_heads, head_dim = self._shape
@@ -60,7 +64,8 @@ class PageStore:
 
     def _grow(self, n: int) -> None:
         """Double (at least): a copy of everything held, as rare as a vector's growth."""
-        old, pages = self.pages, max(2 * self.pages, self.pages + n - len(self.free_pages))
+        needed = self.pages + n - len(self.free_pages)
+        old, pages = self.pages, max(needed, min(2 * self.pages, self.max_pages))
         k, v = self.k, self.v
         n_layers, n_kv_heads, head_dim = self._shape
         shape = (n_layers, n_kv_heads, pages * self.page, head_dim)
@@ -78,7 +83,7 @@ class PageStore:
     def reset(self) -> None:
         """No session holds anything: give back what a burst made the store grow to."""
         if self.pages > INITIAL_PAGES:
-            self._allocate(INITIAL_PAGES)
+            self._allocate(min(INITIAL_PAGES, self.max_pages))
 
     def slots(self, pages: list[int]) -> torch.Tensor:
         """The slots of ``pages``, in order."""
@@ -138,7 +143,7 @@ class KVCachePool:
         for r in ringed:
             self.layers.append((kinds.index(r), counts[r]))
             counts[r] += 1
-        self.stores = [PageStore(counts[kind], n_kv_heads, head_dim, dtype, device, page_tokens) for kind in kinds]
+        self.stores = [PageStore(counts[kind], n_kv_heads, head_dim, dtype, device, page_tokens, budget_bytes) for kind in kinds]
         self.sessions: dict[str, SessionCache] = {}
         self.used_bytes = 0
 

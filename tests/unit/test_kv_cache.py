@@ -6,9 +6,9 @@ from shard_common.model.kv_cache import INITIAL_PAGES, ROLLBACK_SLACK, KVBudgetE
 
 
 def pool(budget_tokens=1024, max_length=4096, page=16):
-    p = KVCachePool(2, 1, 4, torch.float32, torch.device("cpu"), budget_bytes=0, max_length=max_length, page_tokens=page)
-    p.budget_bytes = p.bytes_for(budget_tokens)
-    return p
+    def make(budget_bytes):
+        return KVCachePool(2, 1, 4, torch.float32, torch.device("cpu"), budget_bytes=budget_bytes, max_length=max_length, page_tokens=page)
+    return make(make(0).bytes_for(budget_tokens))
 
 
 def write(p, session, start, values):
@@ -42,6 +42,15 @@ def test_grows_a_page_at_a_time_and_keeps_contents():
     assert torch.equal(read(p, "s3", 0, 20)[1], torch.full((20,), 6.0))
     assert p.used_bytes == p.bytes_for(32) * (1 + INITIAL_PAGES)
     assert 0 not in c.pages[0]  # page 0 is the zero page padding reads point at
+
+
+def test_the_store_grows_no_further_than_the_budget():
+    p = pool(budget_tokens=40 * 16)
+    for i in range(40):
+        p.reserve(f"s{i}", 16)
+    assert p.stores[0].pages == 41  # 40 pages and the zero page, not the 64 doubling would give
+    with pytest.raises(KVBudgetExceeded):
+        p.reserve("more", 1)
 
 
 def test_budget_exhaustion_is_a_clear_error():

@@ -1,6 +1,7 @@
 """What one forward of a span reads and writes in its KV pool: the slots its new positions go
-to, and for each kind of block, which keys every row attends — decode rows in groups that one
-gather and one matmul pair serve, prefill rows per session."""
+to, and for each kind of block, which keys every row attends — a session's few new rows (a
+decode step, a speculative verification) in groups that one gather and one matmul pair serve,
+long prefill chunks per session."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import torch
 from .kv_cache import KVCachePool, PageStore, SessionCache
 
 
+# A session's forward of at most this many rows (decode: 1; verifying a draft: up to 9) joins a
+# group; longer ones (prefill chunks) attend on their own through SDPA, whose memory stays
+# bounded where a group's score matrix would grow with rows × keys.
+GROUPED_ROWS = 16
+
+
 def padded_keys(n: int) -> int:
-    """How many keys a decode row attending ``n`` keys reads, padded. A session's row then goes
-    through the same kernel shapes whatever else is in its batch — matmuls of other widths sum
+    """How many keys a session's rows attending ``n`` keys read, padded. Its rows then go through
+    the same kernel shapes whatever else is in their batch — matmuls of other widths sum
     in other orders — so its output is bit-identical alone and batched. Above 32, steps of a
     quarter of the octave (64..128 in steps of 16): at most a quarter more keys than needed."""
     if n <= 32:
@@ -23,12 +30,14 @@ def padded_keys(n: int) -> int:
 
 
 @dataclass
-class DecodeGroup:
-    """Decode rows whose keys pad to the same width ``keys``: ``index`` [rows * keys] slots (padding
-    reads the zero page), ``mask`` [n_kv_heads * rows, 1, keys] adds -inf where a row has no key."""
+class Group:
+    """Sessions with ``n`` new rows each whose keys pad to the same width ``keys``: ``index``
+    [size * keys] slots (padding reads the zero page), ``mask`` [n_kv_heads * size, n * g, keys]
+    adds -inf where a row may not look (past its own position, outside its window, padding)."""
 
     rows: torch.Tensor | None  # which rows of the forward, None: all of them, in order
     size: int
+    n: int
     keys: int
     index: torch.Tensor
     mask: torch.Tensor
@@ -48,7 +57,7 @@ class PrefillRead:
 
 @dataclass
 class Reads:
-    decode: list[DecodeGroup]
+    groups: list[Group]
     prefill: list[PrefillRead]
 
 
@@ -87,22 +96,22 @@ class KVBatch:
         return self._reads[key]
 
     def _plan(self, store: int, window: int) -> Reads:
-        by_width: dict[int, list[tuple[int, torch.Tensor, int | None]]] = {}
+        by_shape: dict[tuple[int, int], list[tuple[int, Entry, int, int | None]]] = {}
         prefill = []
         row = 0
         for e in self.entries:
             end = e.start + e.n
             # A sliding-window block sees the last ``window`` positions (itself included).
             first = max(0, end - window - e.n + 1) if window else 0
-            slots = e.cache.slots[store][first:end]
-            if e.n == 1:
+            if e.n <= GROUPED_ROWS:
                 width = padded_keys(end - first)
-                by_width.setdefault(width, []).append((row, slots, self._run(e.cache.pages[store], first, end, width, store)))
+                by_shape.setdefault((e.n, width), []).append((row, e, first, self._run(e.cache.pages[store], first, end, width, store)))
             else:
-                prefill.append(PrefillRead(row, e.n, slots.to(self.device), self._prefill_mask(first, e.start, end, window)))
+                prefill.append(PrefillRead(row, e.n, e.cache.slots[store][first:end].to(self.device),
+                                           self._prefill_mask(first, e.start, end, window)))
             row += e.n
-        decode = [self._group(width, members) for width, members in by_width.items()]
-        return Reads(decode, prefill)
+        groups = [self._group(store, window, n, width, members) for (n, width), members in by_shape.items()]
+        return Reads(groups, prefill)
 
     def _run(self, pages: list[int], first: int, end: int, width: int, store: int) -> int | None:
         """The first slot of positions ``first..`` if they and the padding after them are consecutive
@@ -114,19 +123,26 @@ class KVBatch:
             return None
         return start
 
-    def _group(self, width: int, members: list[tuple[int, torch.Tensor, int | None]]) -> DecodeGroup:
+    def _group(self, store: int, window: int, n: int, width: int, members: list[tuple[int, Entry, int, int | None]]) -> Group:
         index = torch.zeros(len(members), width, dtype=torch.long)
-        lengths = torch.tensor([len(slots) for _, slots, _ in members])
-        for i, (_, slots, _) in enumerate(members):
+        for i, (_, e, first, _) in enumerate(members):
+            slots = e.cache.slots[store][first:e.start + e.n]
             index[i, : len(slots)] = slots
-        dtype = self.pool.dtype
-        mask = torch.zeros(len(members), 1, width, dtype=dtype).masked_fill_(
-            torch.arange(width)[None, None, :] >= lengths[:, None, None], float("-inf"))
-        rows = [r for r, _, _ in members]
+        firsts = torch.tensor([first for _, _, first, _ in members])[:, None, None]
+        starts = torch.tensor([e.start for _, e, _, _ in members])[:, None, None]
+        key_pos = firsts + torch.arange(width)[None, None, :]  # [size, 1, width]
+        query_pos = starts + torch.arange(n)[None, :, None]  # [size, n, 1]
+        allowed = key_pos <= query_pos  # also excludes the padding: it lies past the last row's position
+        if window:
+            allowed &= key_pos > query_pos - window
+        mask = torch.zeros(allowed.shape, dtype=self.pool.dtype).masked_fill_(~allowed, float("-inf"))
+        # Rows of a session's matrix are (row, query head of the group): each row's mask g times.
+        mask = mask.unsqueeze(2).expand(len(members), n, self.group, width).reshape(len(members), n * self.group, width)
+        rows = [r + i for r, _, _, _ in members for i in range(n)]
         in_order = rows == list(range(self.rows))
-        return DecodeGroup(None if in_order else torch.tensor(rows, device=self.device), len(members), width,
-                           index.flatten().to(self.device), mask.repeat(self.n_kv_heads, 1, 1).to(self.device),
-                           members[0][2] if len(members) == 1 else None)
+        return Group(None if in_order else torch.tensor(rows, device=self.device), len(members), n, width,
+                     index.flatten().to(self.device), mask.repeat(self.n_kv_heads, 1, 1).to(self.device),
+                     members[0][3] if len(members) == 1 else None)
 
     def _prefill_mask(self, first: int, start: int, end: int, window: int) -> torch.Tensor:
         key_pos = torch.arange(first, end)

@@ -241,7 +241,7 @@ class KVCachePool:
         for store, pages, dropped in zip(self.stores, held, src.dropped):
             new = store.take(len(pages))
             if pages:
-                into, out_of = store.slots(new), store.slots(pages)
+                into, out_of = store.slots(new).to(store.device), store.slots(pages).to(store.device)
                 store.k.index_copy_(2, into, store.k.index_select(2, out_of))
                 store.v.index_copy_(2, into, store.v.index_select(2, out_of))
             copy.pages.append([0] * dropped + new)

@@ -2,8 +2,9 @@
 
 A block works on a ragged batch: the hidden states of every session's new tokens are
 concatenated along the first axis ([T, d_model]); the projections run once over all of them.
-Attention reads every session's keys from the span's paged KV pool: decode rows (one new token
-each) all in one gather and one matmul pair, prefill rows per session.
+Attention reads every session's keys from the span's paged KV pool: sessions with a few new rows
+(decode, speculative verification) in one gather and one matmul pair per group, long prefill
+chunks per session.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kv_batch import DecodeGroup, KVBatch
+from .kv_batch import Group, KVBatch
 from .linear import make_linear
 from .qtensor import QTensor
 
@@ -58,9 +59,11 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, for [T, heads, head_dim] with the signed ``sin`` above: the
-    halves swapped by one roll, three ops where slicing and concatenating took six."""
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
+    """x * cos + rotate_half(x) * sin, for [T, heads, head_dim] with the signed ``sin`` above (the
+    halves swapped by one roll). In bf16, as the model has always run: RoPE in fp32, or with
+    addcmul's single rounding, is as exact and moved the small model's greedy answers at
+    near-ties (docs/benchmarks.md), which every client and Scout would see."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 def fused_linear(parts: list[QTensor], biases: list[QTensor | None], device, dtype, dense: bool, name: str):
@@ -116,8 +119,8 @@ class Block(torch.nn.Module):
         self.act_dtype = dtype
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: KVBatch) -> torch.Tensor:
-        """q [T, n_heads, hd], k/v [T, n_kv_heads, hd] in the cache's dtype; returns [T, q_dim] in the
-        cache's dtype. The query scale is applied inside the score matmul (no op of its own)."""
+        """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd] in the cache's
+        dtype; returns [T, q_dim] in the cache's dtype."""
         cfg = self.config
         hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
         store, within = batch.store(layer)
@@ -126,36 +129,36 @@ class Block(torch.nn.Module):
         keys_all.index_copy_(1, slots, k.transpose(0, 1))
         values_all.index_copy_(1, slots, v.transpose(0, 1))
         reads = batch.reads(layer, self.window)
-        if len(reads.decode) == 1 and reads.decode[0].rows is None:
-            return self._decode(q, keys_all, values_all, reads.decode[0])
+        if len(reads.groups) == 1 and reads.groups[0].rows is None:
+            return self._grouped(q, keys_all, values_all, reads.groups[0])
         out = q.new_empty(q.shape[0], cfg.q_dim)
-        for group in reads.decode:
-            out.index_copy_(0, group.rows, self._decode(q.index_select(0, group.rows), keys_all, values_all, group))
+        for group in reads.groups:
+            out.index_copy_(0, group.rows, self._grouped(q.index_select(0, group.rows), keys_all, values_all, group))
         for p in reads.prefill:
             # Grouped-query attention without repeating K/V: the query heads sharing one KV
             # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
             n = p.n
             qs = q[p.row:p.row + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
             o = F.scaled_dot_product_attention(qs, keys_all.index_select(1, p.index), values_all.index_select(1, p.index),
-                                               attn_mask=p.mask, scale=self.scale)
+                                               attn_mask=p.mask, scale=1.0)
             out[p.row:p.row + n] = o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim)
         return out
 
-    def _decode(self, q: torch.Tensor, keys_all: torch.Tensor, values_all: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-        """One query row per session: every session of the group in one gather and one matmul
-        pair, the g query heads sharing a KV head as the rows of one small matmul (plain matmuls
-        beat SDPA's dispatch for so few query rows)."""
+    def _grouped(self, q: torch.Tensor, keys_all: torch.Tensor, values_all: torch.Tensor, group: Group) -> torch.Tensor:
+        """A few rows per session, every session of the group in one gather and one matmul pair:
+        per KV head and session, a matrix of its rows × the g query heads sharing that KV head
+        (plain matmuls beat SDPA's dispatch for so few query rows)."""
         cfg = self.config
-        hkv, hd, g, b, width = cfg.n_kv_heads, cfg.head_dim, self.group, group.size, group.keys
-        qs = q.view(b, hkv, g, hd).transpose(0, 1).reshape(hkv * b, g, hd)
+        hkv, hd, g, b, n, width = cfg.n_kv_heads, cfg.head_dim, self.group, group.size, group.n, group.keys
+        qs = q.view(b, n, hkv, g, hd).permute(2, 0, 1, 3, 4).reshape(hkv * b, n * g, hd)
         if group.run is not None:  # one session whose keys lie in consecutive slots: a view, no gather
             keys, values = keys_all[:, group.run:group.run + width], values_all[:, group.run:group.run + width]
         else:
             keys = keys_all.index_select(1, group.index).view(hkv * b, width, hd)
             values = values_all.index_select(1, group.index).view(hkv * b, width, hd)
-        scores = torch.baddbmm(group.mask, qs, keys.transpose(1, 2), alpha=self.scale)
+        scores = torch.baddbmm(group.mask, qs, keys.transpose(1, 2))
         out = torch.bmm(torch.softmax(scores, dim=-1), values)
-        return out.view(hkv, b, g, hd).transpose(0, 1).reshape(b, cfg.q_dim)
+        return out.view(hkv, b, n, g, hd).permute(1, 2, 0, 3, 4).reshape(b * n, cfg.q_dim)
 
     def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         """``h`` is the fp32 residual stream [T, d_model]. Only matmul inputs drop to the activation
@@ -165,12 +168,12 @@ class Block(torch.nn.Module):
         qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps, self.act_dtype))
         # q and k share one RoPE application: they are adjacent columns of the fused projection.
         qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
-        kv_dtype = batch.pool.dtype
         if self.qk_norm is not None:
-            qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, kv_dtype)
-        # RoPE in the cache's dtype (fp32 on CPU): rotating in bf16 moved keys enough to change answers.
-        qk = apply_rope(qk.to(kv_dtype), cos, sin)
-        q = qk[:, : cfg.n_heads]
+            qk = rms_norm(qk, self.qk_norm, cfg.norm_eps, qk.dtype)
+        kv_dtype = batch.pool.dtype
+        qk = apply_rope(qk, cos, sin).to(kv_dtype)
+        # Scaled here, not as the score matmul's alpha (an op fewer): that rounding moved answers.
+        q = qk[:, : cfg.n_heads] * self.scale
         k = qk[:, cfg.n_heads:]
         v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim).to(kv_dtype)
         attn = self.wo(self.attention(q, k, v, layer, batch).to(self.act_dtype))

@@ -46,7 +46,7 @@ class Span:
         ]
         release_after_build(t for tensors in stored for t in tensors.values())
         # One table per RoPE base (Gemma 3's sliding blocks use another base than its global ones).
-        self.ropes = {base: RotaryTable(config.head_dim, base, config.context_length, runtime.kv_dtype, runtime.device)
+        self.ropes = {base: RotaryTable(config.head_dim, base, config.context_length, runtime.dtype, runtime.device)
                       for base in {block.rope_base for block in self.blocks}}
         self.kv = KVCachePool(
             end - start, config.n_kv_heads, config.head_dim, runtime.kv_dtype, runtime.device,

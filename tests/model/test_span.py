@@ -146,3 +146,24 @@ def test_a_decoding_session_is_bit_identical_alone_and_batched(quant_parts, toke
     for s in (alone, batched, newcomer, *(s for s, _ in others)):
         span.free(s)
     assert span.kv.sessions == {} and span.kv.used_bytes == 0
+
+
+def test_a_verifying_session_is_bit_identical_alone_and_batched(quant_parts, tokenizer):
+    """Verifying a draft (a few rows of one session) goes through the same grouped attention:
+    its rows must not depend on other sessions verifying or decoding beside it."""
+    _, span, ends = quant_parts
+    ids = tokenizer.encode("A draft of three tokens, checked alone and then among other sessions.")
+    alone, batched, other, decoding = (new_session() for _ in range(4))
+    for s, n in ((alone, len(ids)), (batched, len(ids)), (other, 20), (decoding, 50)):
+        span.forward(ends.embed((ids * 4)[:n]), [SpanRequest(s, 0, n)])
+    draft = ids[:3]
+    h_alone = span.forward(ends.embed(draft), [SpanRequest(alone, len(ids), 3)])
+    h = span.forward(ends.embed(ids[5:8] + [ids[0]] + draft),
+                     [SpanRequest(other, 20, 3), SpanRequest(decoding, 50, 1), SpanRequest(batched, len(ids), 3)])
+    assert torch.equal(h[4:7], h_alone)
+    # And a grouped verification scores like single steps (the rollback path a rejection takes).
+    span.rollback(batched, len(ids))
+    steps = torch.cat([span.forward(ends.embed([t]), [SpanRequest(batched, len(ids) + i, 1)]) for i, t in enumerate(draft)])
+    assert torch.equal(ends.logits(steps).argmax(-1), ends.logits(h_alone).argmax(-1))
+    for s in (alone, batched, other, decoding):
+        span.free(s)

@@ -29,6 +29,17 @@ def padded_keys(n: int) -> int:
     return -(-n // step) * step
 
 
+def allowed_keys(firsts: list[int], starts: list[int], n: int, width: int, window: int) -> torch.Tensor:
+    """[sessions, n, width] bool: whether row i of a session (position start + i) may look at key j
+    (position first + j) — not past itself, and within its window if it has one."""
+    key_pos = torch.tensor(firsts)[:, None, None] + torch.arange(width)[None, None, :]
+    query_pos = torch.tensor(starts)[:, None, None] + torch.arange(n)[None, :, None]
+    allowed = key_pos <= query_pos
+    if window:
+        allowed &= key_pos > query_pos - window
+    return allowed
+
+
 @dataclass
 class Group:
     """Sessions with ``n`` new rows each whose keys pad to the same width ``keys``: ``index``
@@ -128,13 +139,8 @@ class KVBatch:
         for i, (_, e, first, _) in enumerate(members):
             slots = e.cache.slots[store][first:e.start + e.n]
             index[i, : len(slots)] = slots
-        firsts = torch.tensor([first for _, _, first, _ in members])[:, None, None]
-        starts = torch.tensor([e.start for _, e, _, _ in members])[:, None, None]
-        key_pos = firsts + torch.arange(width)[None, None, :]  # [size, 1, width]
-        query_pos = starts + torch.arange(n)[None, :, None]  # [size, n, 1]
-        allowed = key_pos <= query_pos  # also excludes the padding: it lies past the last row's position
-        if window:
-            allowed &= key_pos > query_pos - window
+        # The padding is excluded too: it lies past the last row's position.
+        allowed = allowed_keys([first for _, _, first, _ in members], [e.start for _, e, _, _ in members], n, width, window)
         mask = torch.zeros(allowed.shape, dtype=self.pool.dtype).masked_fill_(~allowed, float("-inf"))
         # Rows of a session's matrix are (row, query head of the group): each row's mask g times.
         mask = mask.unsqueeze(2).expand(len(members), n, self.group, width).reshape(len(members), n * self.group, width)
@@ -145,9 +151,4 @@ class KVBatch:
                      members[0][3] if len(members) == 1 else None)
 
     def _prefill_mask(self, first: int, start: int, end: int, window: int) -> torch.Tensor:
-        key_pos = torch.arange(first, end)
-        query_pos = torch.arange(start, end)
-        mask = key_pos[None, :] <= query_pos[:, None]
-        if window:
-            mask &= key_pos[None, :] > query_pos[:, None] - window
-        return mask.repeat(self.group, 1).to(self.device)
+        return allowed_keys([first], [start], end - start, end - first, window)[0].repeat(self.group, 1).to(self.device)

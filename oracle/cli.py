@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="micro-batches in flight through the Scouts at once, so each Scout computes one while the others "
                     "compute theirs (0: one more than the Scouts on a route, or with only --local-scouts one per Scout; 1: one batch at "
                     "a time, lockstep)")
+    add_option(serve, "--no-chain", action="store_true", default=False,
+               help="send every step through the Scouts hub-style (Oracle → Scout → Oracle per hop) instead of chaining "
+                    "Scouts that can reach each other (Oracle → S1 → … → Sn → Oracle: n + 1 trips instead of 2n)")
     add_option(serve, "--eager-cache-ops", action="store_true", default=False,
                help="for benchmarks: send every KV cache rollback/fork/free to the Scouts at once, in a round trip of its "
                     "own, instead of on the hop's next forward")

@@ -136,7 +136,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
         control = build_control(args, identity, weights, manifest, health, listener)
     return Swarm(identity, weights.config.n_layers, loop, health, scouts, control, args.wire_dtype, fill, tokenizer.vocab_size,
                  weights.tokenizer.vocab_digest(), args.draft_deadline, args.hop_timeout, auditor, traffic,
-                 piggyback=not args.eager_cache_ops, listener=listener, pipeline_depth=local_pipeline_depth(args))
+                 piggyback=not args.eager_cache_ops, chain=not args.no_chain, listener=listener, pipeline_depth=local_pipeline_depth(args))
 
 
 def local_pipeline_depth(args: argparse.Namespace) -> int:

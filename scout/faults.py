@@ -8,6 +8,8 @@ SPEC is comma-separated ``name=value``:
   delay_ms=D   answer every request D milliseconds late
   hang=1       accept connections and requests but never answer (the Oracle must time out)
   draft=random a draft Scout proposing random tokens
+  refuse_relays=1  refuse the hidden states other Scouts relay to it (as if a firewall stood between
+               them): chains into this Scout break, and the Oracle must fall back to its hub path
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 
 import torch
 
-KNOWN = {"corrupt", "noise", "skip", "delay_ms", "draft", "hang"}
+KNOWN = {"corrupt", "noise", "skip", "delay_ms", "draft", "hang", "refuse_relays"}
 
 
 class FaultInjector:
@@ -33,6 +35,7 @@ class FaultInjector:
         self.delay_s = float(self.settings.get("delay_ms", 0)) / 1000
         self.hang = self.settings.get("hang") == "1"
         self.random_drafts = self.settings.get("draft") == "random"
+        self.refuse_relays = self.settings.get("refuse_relays") == "1"
         self._random = random.Random(seed)
         self.injected = 0
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PROTOCOL = "shard-dataplane/2"
+PROTOCOL = "shard-dataplane/3"
 
 
 class Kind(IntEnum):
@@ -21,6 +21,7 @@ class Kind(IntEnum):
     CHALLENGE = 10
     DRAFT = 11
     DRAFTED = 12
+    RELAY = 13  # Scout → Scout: a chained forward's hidden states for the next hop
 
 
 class Message(BaseModel):
@@ -80,14 +81,41 @@ class CacheOp(BaseModel):
         return self
 
 
+class NextHop(BaseModel):
+    """Where a chained forward's output goes: the next Scout, and the id of the request the Oracle
+    sent that Scout for this step (the relay is matched to it there)."""
+
+    model_config = ConfigDict(extra="forbid")
+    peer_id: str = Field(max_length=128)
+    host: str = Field(max_length=255)
+    port: int = Field(ge=1, le=65535)
+    id: int = Field(ge=1)
+
+
 class Forward(Message):
     """Hidden states for ``sessions``; ``ops`` are applied first, in order (rollbacks of rejected
-    drafts, forks, frees: riding here saves each its own round trip)."""
+    drafts, forks, frees: riding here saves each its own round trip).
+
+    Chained (Oracle → S1 → … → Sn → Oracle): with ``source``, the hidden states come from that
+    Scout in a RELAY frame instead of in this frame's body; with ``next``, the output goes on to
+    the next Scout and the reply to the Oracle is an acknowledgement carrying the signed digest
+    of the output, without the output itself."""
 
     sessions: list[SessionSlice] = Field(min_length=1, max_length=4096)
     dtype: str
     shape: tuple[int, int]
     ops: list[CacheOp] = Field(default_factory=list, max_length=4096)
+    source: str | None = Field(default=None, max_length=128)
+    next: NextHop | None = None
+
+
+class Relay(Message):
+    """Scout → next Scout: the output of a chained forward (in the body), for the request ``id``
+    that ``oracle`` sent the receiving Scout."""
+
+    oracle: str = Field(max_length=128)
+    dtype: str
+    shape: tuple[int, int]
 
 
 class CacheOps(Message):
@@ -127,9 +155,12 @@ class Result(Message):
     dtype: str | None = None
     shape: tuple[int, int] | None = None
     compute_ms: float = 0.0
-    # A forward's reply is signed by the Scout's identity key over reply_digest(id, body): evidence
-    # that it, and no one else, sent these numbers.
+    # A forward's reply is signed by the Scout's identity key over reply_digest(id, output): evidence
+    # that it, and no one else, sent these numbers. A chained hop's reply carries the digests of
+    # what it received and sent on, so the Oracle can check that consecutive hops agree.
     signature: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
 
 
 class Error(Message):
@@ -140,5 +171,5 @@ class Error(Message):
 MESSAGES: dict[Kind, type[Message]] = {
     Kind.CHALLENGE: Challenge,
     Kind.HELLO: Hello, Kind.WELCOME: Welcome, Kind.FORWARD: Forward, Kind.CACHE: CacheOps, Kind.PING: Ping, Kind.RESULT: Result, Kind.ERROR: Error, Kind.DRAFT: Draft,
-    Kind.DRAFTED: Drafted,
+    Kind.DRAFTED: Drafted, Kind.RELAY: Relay,
 }

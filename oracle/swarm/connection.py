@@ -21,13 +21,27 @@ from shard_common.wire import FrameError, read_frame, tensor_from_bytes, tensor_
 
 
 class ScoutError(RuntimeError):
-    """A Scout answered a request with an error, or could not be reached."""
+    """A Scout answered a request with an error (``code``: the Scout's), or could not be reached."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class ScoutUnreachable(ScoutError):
     """The connection failed or timed out: the Scout is gone, route around it."""
 
     api_code = "no_route"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A request on its way: its reply arrives in ``answer``."""
+
+    kind: Kind
+    id: int
+    answer: asyncio.Future
+    at: float  # when it was sent
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,7 @@ class ScoutConnection:
         self.last_ms = 0.0
         # Forward statistics: round trips vs the Scout's own compute time give the per-hop overhead.
         self.forwards = 0
+        self.chained = 0  # forwards this Scout did as a hop of a chain (not timed: see record_forward)
         self.forward_ms = 0.0
         self.compute_ms = 0.0
         self.tokens = 0
@@ -177,29 +192,56 @@ class ScoutConnection:
             self._writer.close()
 
     async def _request(self, kind: Kind, message, body: bytes = b"", timeout: float | None = None):
+        sent = await self.send(kind, message, body)
+        return await self.answer(sent, timeout)
+
+    async def send(self, kind: Kind, message, body: bytes = b"", request_id: int | None = None) -> "Sent":
+        """Send a request now (under ``request_id`` from ``reserve``, else a new id); ``answer``
+        waits for the reply."""
         peer = self.address.peer_id
         if self.dead or self._writer.is_closing():
             self.dead = True
             raise ScoutUnreachable(f"Scout {peer} is gone")
-        message.id = next(self._ids)
-        answer = self._waiting[message.id] = asyncio.get_running_loop().create_future()
-        sent = time.perf_counter()
+        message.id = request_id or next(self._ids)
+        sent = Sent(kind, message.id, self._waiting.setdefault(message.id, asyncio.get_running_loop().create_future()), time.perf_counter())
         try:
             async with self._write_lock:
                 await write_frame(self._writer, kind, message, body)
-            reply_kind, reply, reply_body, previous, answered = await asyncio.wait_for(answer, timeout or self.timeout)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-            self._lose(Outcome.TIMED_OUT if isinstance(e, asyncio.TimeoutError) else Outcome.LOST, e)
+        except OSError as e:
+            self._lose(Outcome.LOST, e)
             raise ScoutUnreachable(f"Scout {peer} failed: {e!r}") from e
+        return sent
+
+    def reserve(self) -> int:
+        """An id for a request this connection will carry later (a chained forward's next hop is
+        told it before the request itself is sent)."""
+        return next(self._ids)
+
+    async def answer(self, sent: "Sent", timeout: float | None = None, lose_on_timeout: bool = True):
+        """The reply to ``sent``: (message, body); ScoutError for an ERROR reply. Past ``timeout``
+        the connection is given up, unless ``lose_on_timeout`` is False (the wait may have been for
+        someone else: a chained hop waits for its input from the hop before it)."""
+        peer = self.address.peer_id
+        try:
+            reply_kind, reply, reply_body, previous, answered = await asyncio.wait_for(sent.answer, timeout or self.timeout)
+        except asyncio.TimeoutError as e:
+            if not lose_on_timeout:
+                raise
+            self._lose(Outcome.TIMED_OUT, e)
+            raise ScoutUnreachable(f"Scout {peer} failed: {e!r}") from e
+        except (OSError, asyncio.IncompleteReadError) as e:
+            self._lose(Outcome.LOST, e)
+            raise ScoutUnreachable(f"Scout {peer} failed: {e!r}") from e
+        name = sent.kind.name.lower()
         self.requests += 1
-        self.round_trips[kind.name.lower()] = self.round_trips.get(kind.name.lower(), 0) + 1
+        self.round_trips[name] = self.round_trips.get(name, 0) + 1
         # From when the Scout could start on it: a request sent while another was being answered waited behind it.
-        self.last_ms = (answered - max(sent, previous)) * 1000
+        self.last_ms = (answered - max(sent.at, previous)) * 1000
         self.last_used = time.monotonic()
         self.health.record(peer, Outcome.ANSWERED)
         if reply_kind == Kind.ERROR:
             assert isinstance(reply, Error)
-            raise ScoutError(f"Scout {peer}: {reply.code}: {reply.message}")
+            raise ScoutError(f"Scout {peer}: {reply.code}: {reply.message}", reply.code)
         return reply, reply_body
 
     async def forward(self, hidden: torch.Tensor, requests: list[SpanRequest], dtype: str,
@@ -209,14 +251,22 @@ class ScoutConnection:
                           dtype=dtype, shape=tuple(hidden.shape), ops=ops or [])
         payload = tensor_to_bytes(hidden, dtype)
         reply, body = await self._request(Kind.FORWARD, message, payload)
-        self.forwards += 1
-        self.forward_ms += self.last_ms
-        self.ewma_ms = self.last_ms if self.ewma_ms is None else 0.8 * self.ewma_ms + 0.2 * self.last_ms
-        self.compute_ms += reply.compute_ms
-        self.tokens += hidden.shape[0]
-        self.wire_bytes += len(payload) + len(body)
+        self.record_forward(reply, hidden.shape[0], len(payload), len(body))
         self.last_reply = {"request_id": reply.id, "output_sha256": hashlib.sha256(body).hexdigest(), "signature": reply.signature}
         return tensor_from_bytes(body, reply.dtype, reply.shape)
+
+    def record_forward(self, reply, tokens: int, sent_bytes: int, received_bytes: int, timed: bool = True) -> None:
+        """A forward done. Only a hub forward's round trip is one the routing weight can use (a
+        chained hop's answer waits on the hops before it): ``timed`` False counts it as chained."""
+        if timed:
+            self.forwards += 1
+            self.forward_ms += self.last_ms
+            self.ewma_ms = self.last_ms if self.ewma_ms is None else 0.8 * self.ewma_ms + 0.2 * self.last_ms
+            self.compute_ms += reply.compute_ms
+        else:
+            self.chained += 1
+        self.tokens += tokens
+        self.wire_bytes += sent_bytes + received_bytes
 
     async def cache(self, ops: list[CacheOp]) -> None:
         await self._request(Kind.CACHE, CacheOps(ops=ops))

@@ -17,6 +17,7 @@ class LocalHop(LocalPipeline):
     local = True
     dead = False
     latency_ms = None
+    reached = "in-process"  # no address: never part of a chain of Scouts
 
     def __init__(self, span: Span, peer_id: str | None = None):
         super().__init__(span)

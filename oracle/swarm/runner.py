@@ -14,6 +14,10 @@ that owns the connections.
   flight, so different Scouts compute different micro-batches at once.
 - Fewer round trips: rollbacks (rejected drafts), forks and frees wait for the hop's next
   forward and ride on it; a hop left with no session gets its pending operations at once.
+- Chains (chain.py): where consecutive Scouts can relay to each other, a step goes Oracle → S1 →
+  … → Sn → Oracle (n + 1 trips instead of 2n). A chain that breaks is unwound (the hops that
+  computed roll the step back, riding on their next forward) and the step goes on from the
+  chain's first hop: around a failed hop, or by hub across a link that could not relay.
 - Audits: every Scout forward goes past the trust package's traffic audit, which checks the
   sessions it follows (and suspicious outputs) before the output is used, computing its side
   while the Scout computes; the ticket auditor hears of every forward (golden tickets follow some).
@@ -38,6 +42,7 @@ from shard_common.main_thread import Resumable, Waiting, drive, start_on_loop
 from shard_common.model.span import SpanRequest
 from shard_common.protocol import CacheOp
 
+from .chain import ChainBreaks, ChainBroken, ChainStats, Link, chain_length, run_chain
 from .connection import ScoutUnreachable
 from .history import SessionHistory
 from .local_hop import LocalFactory, LocalHop
@@ -50,7 +55,7 @@ class SwarmPipeline:
     def __init__(self, hops: Callable[[], list], n_layers: int, loop: asyncio.AbstractEventLoop | None,
                  health: PeerHealth, wire_dtype: str = "float32", fill: LocalFactory | None = None,
                  reroute_seconds: float = 20.0, auditor: Auditor | None = None, traffic: TrafficAudit | None = None,
-                 piggyback: bool = True, depth: int = 0):
+                 piggyback: bool = True, depth: int = 0, chain: bool = True):
         self.hops = hops  # the hops that serve spans now (Scout connections)
         self.n_layers = n_layers
         self.loop = loop
@@ -62,6 +67,9 @@ class SwarmPipeline:
         self.traffic = traffic
         self.piggyback = piggyback  # False: every cache operation costs its own round trip (benchmarks)
         self.fixed_depth = depth  # micro-batches in flight; 0: from the route's length
+        self.chain = chain  # False: every hop the hub way (benchmarks, or Scouts that must not talk to each other)
+        self.breaks = ChainBreaks()
+        self.chains = ChainStats()
         self.routes: dict[str, list] = {}
         self.history = SessionHistory()
         self.stale: set[tuple[str, object]] = set()  # (session, hop) whose cache there must be rebuilt
@@ -215,16 +223,20 @@ class SwarmPipeline:
         return out
 
     def _run_group(self, x: torch.Tensor, requests: list[SpanRequest], prompt: torch.Tensor | None = None) -> Resumable[torch.Tensor]:
-        """Sessions sharing one route, hop by hop; a failed (or no longer usable) hop is replaced
-        and the step goes on from the first hop that changed. Another micro-batch in flight may
-        repair the route meanwhile (a hop they share failed for it): the step then goes on from
-        the first hop the repair changed."""
+        """Sessions sharing one route, hop by hop (or a chain of hops at a time); a failed (or no
+        longer usable) hop is replaced and the step goes on from the first hop that changed.
+        Another micro-batch in flight may repair the route meanwhile (a hop they share failed for
+        it): the step then goes on from the first hop the repair changed, or from the start of
+        the chain that hop was in (the chain's hops computed the step: they roll it back)."""
         session = requests[0].session
         route = list(self.routes[session])
-        i, inputs = 0, [x]  # inputs[i]: what hop i of the route receives in this step
+        i, inputs = 0, [x]  # inputs[i]: what hop i of the route receives in this step (None: inside a chain)
         while i < len(route):
             if self.routes[session] != route:
-                i, route = min(i, _common_prefix(route, self.routes[session])), list(self.routes[session])
+                common = min(i, _common_prefix(route, self.routes[session]))
+                back = max(j for j in range(common + 1) if inputs[j] is not None)
+                self._unwind(route[back:common], requests)
+                i, route = back, list(self.routes[session])
                 inputs, x = inputs[:i + 1], inputs[i]
                 continue
             hop = route[i]
@@ -234,20 +246,65 @@ class SwarmPipeline:
                 for r in requests:
                     if (r.session, hop) in self.stale:
                         yield from self._replay(r, i)
-                if hop.local or self.traffic is None:
+                n = self._chain_length(route[i:], requests)
+                if n > 1:
+                    out = yield from self._chained(route[i:i + n], x, requests)
+                elif hop.local or self.traffic is None:
                     out = yield from self._calling(hop, "forward", x, requests, self.wire_dtype, self.pending.pop(hop, []))
                 else:
                     out = yield from self._audited_forward(hop, x, requests)
-                if not hop.local and self.auditor is not None:
-                    self.auditor.observe(hop, prompt)
+                for h in route[i:i + n]:
+                    if not h.local and self.auditor is not None:
+                        self.auditor.observe(h, prompt)
                 x = out
-                i += 1
-                inputs.append(x)
+                i += n
+                inputs += [None] * (n - 1) + [x]
+            except ChainBroken as e:
+                log.warning("chain %s broke at hop %d: %s", " → ".join(h.peer_id for h in route[i:i + n]), e.at, e)
+                self.chains.fallbacks += 1
+                self._unwind(route[i:i + n], requests)
+                if e.link:
+                    self.breaks.record(route[i + e.at - 1].peer_id, route[i + e.at].peer_id)
+                elif route[i + e.at] in self.routes[session]:
+                    self._reroute(route[i + e.at])
             except ScoutUnreachable as e:
                 log.warning("hop %d: %s", i, e)
                 if hop in self.routes[session]:  # else another micro-batch has repaired the route already
                     self._reroute(hop)
         return x
+
+    def _chain_length(self, hops: list, requests: list[SpanRequest]) -> int:
+        """How many of ``hops`` (the rest of a route) this step may travel through as a chain."""
+        if not self.chain or len(hops) < 2:
+            return 1
+        links = [Link(hop.peer_id, local=hop.local, dialable=hop.reached == "direct",
+                      checked=self.traffic is not None and not hop.local and self.traffic.checks(hop.peer_id, hop.span, requests),
+                      stale=any((r.session, hop) in self.stale for r in requests))
+                 for hop in hops]
+        return chain_length(links, self.breaks.broken)
+
+    def _chained(self, hops: list, x: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
+        ops = [self.pending.pop(hop, []) for hop in hops]
+        self.round_trips += 1
+        try:
+            out = yield Waiting(self.loop, start_on_loop(self.loop, run_chain(hops, x, requests, self.wire_dtype, ops, self.chains)))
+        except ChainBroken as e:
+            for k in e.unsent:  # their operations never left: they ride on the next forward after all
+                if ops[k]:
+                    self.pending[hops[k]] = ops[k] + self.pending.get(hops[k], [])
+            raise
+        for a, b in zip(hops, hops[1:]):
+            self.breaks.healed(a.peer_id, b.peer_id)
+        if self.traffic is not None:
+            for hop in hops:
+                self.traffic.served_unchecked(hop.peer_id, requests)
+        return out
+
+    def _unwind(self, hops: list, requests: list[SpanRequest]) -> None:
+        """Hops that may have computed this step forget it (before their next forward)."""
+        for hop in hops:
+            if not hop.dead and not hop.local:
+                self.pending.setdefault(hop, []).extend(CacheOp(op="rollback", session=r.session, length=r.start) for r in requests)
 
     def _audited_forward(self, hop, x: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
         """``hop``'s output for ``x``, once the traffic audit lets it through; the Oracle's side of
@@ -348,7 +405,9 @@ class SwarmPipeline:
     def status(self) -> dict:
         return {"passes": self.passes, "round_trips": self.round_trips, "failovers": self.failovers,
                 "round_trips_per_pass": round(self.round_trips / self.passes, 3) if self.passes else None,
-                "piggyback": self.piggyback}
+                "piggyback": self.piggyback,
+                "chain": {"enabled": self.chain, "passes": self.chains.passes, "hops": self.chains.hops,
+                          "fallbacks": self.chains.fallbacks, **self.breaks.status()}}
 
 
 def _common_prefix(a: list, b: list) -> int:

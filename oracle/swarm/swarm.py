@@ -41,7 +41,7 @@ class Swarm:
                  fill: LocalFactory | None = None, vocab_size: int = 0, vocab_digest: str | None = None,
                  draft_deadline_seconds: float = 2.0, hop_timeout_seconds: float = 20.0, auditor: Auditor | None = None,
                  traffic: TrafficAudit | None = None, piggyback: bool = True, reroute_seconds: float = 20.0,
-                 listener: DialInListener | None = None, pipeline_depth: int = 0):
+                 listener: DialInListener | None = None, pipeline_depth: int = 0, chain: bool = True):
         self.identity = identity
         self.n_layers = n_layers
         self.health = health
@@ -61,7 +61,8 @@ class Swarm:
         self.dial_in: dict[str, str] = {}  # peer id → why it must open the connection itself
         # The engine's Pipeline and drafter: built now, usable once connect() has run on ``loop``.
         self.pipeline = SwarmPipeline(self._live, n_layers, loop, health, wire_dtype, fill, reroute_seconds,
-                                      auditor=auditor, traffic=traffic, piggyback=piggyback, depth=pipeline_depth)
+                                      auditor=auditor, traffic=traffic, piggyback=piggyback, depth=pipeline_depth,
+                                      chain=chain)
         self.drafter = ScoutDrafter(self.draft_scouts, loop, vocab_size, draft_deadline_seconds)
         self.problem = "connecting to the Scouts"
         self._task: asyncio.Task | None = None
@@ -243,7 +244,7 @@ class Swarm:
                            "role": c.role, "span": list(c.span), "state": state, "sessions": load.get(c, 0),
                            "requests": c.requests, "round_trips": dict(c.round_trips),
                            "last_ms": round(c.last_ms, 3), "latency_ms": round(c.ewma_ms, 3) if c.ewma_ms else None,
-                           "forwards": c.forwards,
+                           "forwards": c.forwards, "chained_forwards": c.chained,
                            "overhead_ms": round((c.forward_ms - c.compute_ms) / c.forwards, 3) if c.forwards else None,
                            "tokens_forwarded": c.tokens, "wire_bytes": c.wire_bytes, **health, **info,
                            "tainted_sessions": tainted.get(c.peer_id, {}).get("sessions")})

@@ -121,6 +121,23 @@ class TrafficAudit:
         self.clock.add(time.monotonic() - t0)
         return Expectation(peer, span, expected)
 
+    def checks(self, peer: str, span: tuple[int, int], requests: list[SpanRequest]) -> bool:
+        """Whether a forward of ``requests`` on ``peer`` is to be checked, so the Oracle must see
+        its input and output (the hub path): when the Scout is on probation, a session starts there
+        (whether it is followed is decided then), or one of them is followed there. Otherwise it may
+        travel a chain of Scouts (it still counts towards a random re-probation)."""
+        if not self.health.audited(peer):
+            return False
+        if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
+            self.health.start_probation(peer, self.policy.reprobation_forwards)
+        return bool(self.health.probation_left(peer)) or any(r.start == 0 or span in self.followed.get(r.session, ())
+                                                                for r in requests)
+
+    def served_unchecked(self, peer: str, requests: list[SpanRequest]) -> None:
+        """``peer`` carried these sessions in a chain, unchecked: they are tainted if it fails later."""
+        if self.health.audited(peer):
+            self.taint.served(peer, [r.session for r in requests])
+
     def judge(self, plan: Expectation, x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest], replay: Replay) -> bool:
         """Whether ``out`` (what the Scout answered) may be used. A failed check is a verdict (the
         Scout is quarantined); the followed sessions' copies are set back to where the step began."""

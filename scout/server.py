@@ -177,9 +177,14 @@ class SpanServer:
                 # The Oracle replays a session's tokens when it reconnects; keep no orphaned caches.
                 await asyncio.get_running_loop().run_in_executor(self.executor, self._free_all, span, list(sessions))
 
-    async def _reply(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, kind: Kind, reply, body: bytes = b"") -> None:
+    async def _delay(self) -> None:
+        """--simulate-latency-ms (benchmarks) and --inject-faults delay_ms: every answer this Scout
+        sends, a reply to the Oracle or a relay to the next Scout, leaves this much later."""
         if self.simulate_latency_s or self.faults.delay_s:
             await asyncio.sleep(self.simulate_latency_s + self.faults.delay_s)
+
+    async def _reply(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, kind: Kind, reply, body: bytes = b"") -> None:
+        await self._delay()
         async with lock:
             await write_frame(writer, kind, reply, body)
 
@@ -208,6 +213,7 @@ class SpanServer:
             reply, payload = await loop.run_in_executor(self.executor, self._compute, span, message, body, sessions, self.faults,
                                                         self.identity)
             if message.next is not None:
+                await self._delay()
                 await self.relays.send(message.next, oracle, message.dtype, message.shape, payload)
                 payload = b""  # the Oracle gets the digest; the next Scout has the output
             kind = Kind.RESULT

@@ -480,8 +480,9 @@ class ScoutStatus(Schema):
     round_trips: dict[str, int] = {}  # data-plane requests by kind (forward, cache, ping, draft)
     last_ms: float | None = None
     latency_ms: float | None = None  # smoothed forward round trip: the routing weight
-    forwards: int = 0
-    overhead_ms: float | None = None  # mean round trip minus the Scout's compute time, per forward
+    forwards: int = 0  # hub forwards (Oracle → this Scout → Oracle), timed
+    chained_forwards: int = 0  # forwards it did as a hop of a chain (its input from the Scout before it)
+    overhead_ms: float | None = None  # mean round trip minus the Scout's compute time, per hub forward
     tokens_forwarded: int = 0
     wire_bytes: int = 0
     # What the Scout announces over libp2p (absent for Scouts given by address with --scouts):
@@ -553,12 +554,29 @@ class SpeculationStatus(Schema):
     drafter_stats: dict[str, dict[str, int]] = {}
 
 
+class LinkStatus(Schema):
+    from_peer: str  # the Scout that could not relay
+    to_peer: str  # to this one
+    seconds_left: float
+
+
+class ChainStatus(Schema):
+    enabled: bool  # off: serve --no-chain
+    passes: int  # steps that went through a chain of Scouts (Oracle → S1 → … → Sn → Oracle)
+    hops: int  # Scouts those chains went through
+    fallbacks: int  # chained steps that broke and went on the hub way
+    overhead_ms_per_hop: float | None = None  # chained steps' wall time minus the Scouts' compute, per hop
+    breaks: int  # links between two Scouts found unable to relay
+    hub_only: list[LinkStatus] = []  # links left to the hub path for now
+
+
 class DataPlaneStatus(Schema):
     passes: int  # forward passes through the whole route
     round_trips: int  # data-plane requests to Scouts those passes took (replays and cache operations included)
     round_trips_per_pass: float | None  # = hops per pass when cache operations ride on forwards
     failovers: int
     piggyback: bool  # cache operations ride on the next forward (off: serve --eager-cache-ops)
+    chain: ChainStatus | None = None
 
 
 class ClusterStatus(Schema):

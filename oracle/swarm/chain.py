@@ -14,7 +14,8 @@ hop k-1's, so a hop that does not answer is told apart from one whose input neve
 - ``chain_length`` (pure) decides how far a step may chain from a hop: only Scouts the Oracle
   reached at an address it dialed (one behind NAT has none to give), never the Oracle's own
   blocks, never a hop whose forward the traffic audit must see (input and output), never across
-  a pair that could not relay lately (``ChainBreaks``).
+  a pair that could not relay lately (``ChainBreaks``), never a hop that may not carry traffic
+  now (the hub path meets it and routes around it).
 - ``run_chain`` runs one step down a chain; ``ChainBroken`` says where it broke: at a hop (its
   connection failed: route around it) or at a link between two (relay them by hub for a while).
 """
@@ -50,6 +51,7 @@ class Link:
     dialable: bool = True  # the Oracle dialed it (a Scout that dialed in from behind NAT cannot be relayed to)
     checked: bool = False  # the traffic audit must see this forward's input and output
     stale: bool = False  # a session's cache there is to be rebuilt before the step
+    usable: bool = True  # it may carry traffic now (alive, not quarantined): if not, the hub path reroutes around it
 
 
 def chain_length(links: Sequence[Link], broken: Callable[[str, str], bool]) -> int:
@@ -58,7 +60,7 @@ def chain_length(links: Sequence[Link], broken: Callable[[str, str], bool]) -> i
         return 1
     n = 1
     for before, hop in zip(links, links[1:]):
-        if hop.local or hop.checked or hop.stale or not hop.dialable or broken(before.peer_id, hop.peer_id):
+        if hop.local or hop.checked or hop.stale or not hop.dialable or not hop.usable or broken(before.peer_id, hop.peer_id):
             break
         n += 1
     return n
@@ -91,7 +93,7 @@ class ChainBreaks:
     def status(self) -> dict:
         now = self.clock()
         return {"breaks": self.breaks,
-                "hub_only": [{"from": a, "to": b, "seconds_left": round(u - now, 1)} for (a, b), (u, _) in self._until.items() if u > now]}
+                "hub_only": [{"from_peer": a, "to_peer": b, "seconds_left": round(u - now, 1)} for (a, b), (u, _) in self._until.items() if u > now]}
 
 
 class ChainBroken(ScoutUnreachable):
@@ -110,7 +112,12 @@ class ChainStats:
     passes: int = 0  # steps that went through a chain
     hops: int = 0  # hops they went through
     fallbacks: int = 0  # chained steps that broke and went the hub way
+    overhead_ms: float = 0.0  # their wall time minus the Scouts' compute: trips, relays, frames, hand-offs
     evidence: list = field(default_factory=list)  # the last chain's per-hop digests
+
+    def status(self) -> dict:
+        return {"passes": self.passes, "hops": self.hops, "fallbacks": self.fallbacks,
+                "overhead_ms_per_hop": round(self.overhead_ms / self.hops, 3) if self.hops else None}
 
 
 async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest], dtype: str,
@@ -126,6 +133,7 @@ async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest]
                                      id=ids[k + 1]) if k + 1 < n else None)
                 for k in range(n)]
     payload = tensor_to_bytes(x, dtype)
+    started = time.perf_counter()
     sent: list = [None] * n
     # The later hops first: their requests should be waiting there when the relays come.
     for k in reversed(range(n)):
@@ -168,6 +176,7 @@ async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest]
     if stats is not None:
         stats.passes += 1
         stats.hops += n
+        stats.overhead_ms += (time.perf_counter() - started) * 1000 - sum(reply.compute_ms for reply, _ in replies)
         stats.evidence = evidence
     return tensor_from_bytes(body, last.dtype, last.shape)
 

@@ -268,9 +268,10 @@ class SwarmPipeline:
                 elif route[i + e.at] in self.routes[session]:
                     self._reroute(route[i + e.at])
             except ScoutUnreachable as e:
-                log.warning("hop %d: %s", i, e)
-                if hop in self.routes[session]:  # else another micro-batch has repaired the route already
-                    self._reroute(hop)
+                failed = e.hop if isinstance(e, HopFailed) else hop
+                log.warning("hop %d: %s", route.index(failed), e)
+                if failed in self.routes[session]:  # else another micro-batch has repaired the route already
+                    self._reroute(failed)
         return x
 
     def _chain_length(self, hops: list, requests: list[SpanRequest]) -> int:
@@ -279,7 +280,8 @@ class SwarmPipeline:
             return 1
         links = [Link(hop.peer_id, local=hop.local, dialable=hop.reached == "direct",
                       checked=self.traffic is not None and not hop.local and self.traffic.checks(hop.peer_id, hop.span, requests),
-                      stale=any((r.session, hop) in self.stale for r in requests))
+                      stale=any((r.session, hop) in self.stale for r in requests),
+                      usable=hop.local or (not hop.dead and self.health.usable(hop.peer_id)))
                  for hop in hops]
         return chain_length(links, self.breaks.broken)
 
@@ -319,22 +321,32 @@ class SwarmPipeline:
 
     def _replay(self, r: SpanRequest, i: int) -> Resumable[None]:
         """Rebuild ``r.session``'s cache on hop ``i`` of its route, chunk by chunk as first fed;
-        where drafts were rejected, the rollback rides on the hop's next forward."""
+        where drafts were rejected, the rollback rides on the hop's next forward. A replay cut
+        short (a hop before ``i`` failed: HopFailed names it) leaves nothing half built behind."""
         route = self.routes[r.session]
         scratch = f"{r.session}~replay"
-        for position, x, keep in self.history.replay(r.session, r.start):
-            n = len(x)
-            for hop in route[:i]:
-                x = yield from self._calling(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype,
-                                             self.pending.pop(hop, []))
+        try:
+            for position, x, keep in self.history.replay(r.session, r.start):
+                n = len(x)
+                for hop in route[:i]:
+                    try:
+                        x = yield from self._calling(hop, "forward", x, [SpanRequest(scratch, position, n)], self.wire_dtype,
+                                                     self.pending.pop(hop, []))
+                    except ScoutUnreachable as e:
+                        raise HopFailed(hop, e) from e
+                    if keep < n:
+                        self.pending.setdefault(hop, []).append(CacheOp(op="rollback", session=scratch, length=position + keep))
+                yield from self._calling(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype,
+                                         self.pending.pop(route[i], []))
                 if keep < n:
-                    self.pending.setdefault(hop, []).append(CacheOp(op="rollback", session=scratch, length=position + keep))
-            yield from self._calling(route[i], "forward", x, [SpanRequest(r.session, position, n)], self.wire_dtype,
-                                     self.pending.pop(route[i], []))
-            if keep < n:
-                self.pending.setdefault(route[i], []).append(CacheOp(op="rollback", session=r.session, length=position + keep))
-        for hop in route[:i]:
-            self.pending.setdefault(hop, []).append(CacheOp(op="close", session=scratch))
+                    self.pending.setdefault(route[i], []).append(CacheOp(op="rollback", session=r.session, length=position + keep))
+        except ScoutUnreachable:
+            if not route[i].dead:  # the next attempt replays from the start
+                self.pending.setdefault(route[i], []).append(CacheOp(op="close", session=r.session))
+            raise
+        finally:
+            for hop in route[:i]:
+                self.pending.setdefault(hop, []).append(CacheOp(op="close", session=scratch))
         self.stale.discard((r.session, route[i]))
 
     def _queue(self, session: str, op: CacheOp, also: str | None = None) -> None:
@@ -406,8 +418,15 @@ class SwarmPipeline:
         return {"passes": self.passes, "round_trips": self.round_trips, "failovers": self.failovers,
                 "round_trips_per_pass": round(self.round_trips / self.passes, 3) if self.passes else None,
                 "piggyback": self.piggyback,
-                "chain": {"enabled": self.chain, "passes": self.chains.passes, "hops": self.chains.hops,
-                          "fallbacks": self.chains.fallbacks, **self.breaks.status()}}
+                "chain": {"enabled": self.chain, **self.chains.status(), **self.breaks.status()}}
+
+
+class HopFailed(ScoutUnreachable):
+    """``hop`` failed while the step was at another hop (replaying a session through the hops before it)."""
+
+    def __init__(self, hop, error: Exception):
+        super().__init__(str(error))
+        self.hop = hop
 
 
 def _common_prefix(a: list, b: list) -> int:

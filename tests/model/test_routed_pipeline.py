@@ -107,3 +107,16 @@ def test_a_hole_covered_by_a_survivor_that_extended_its_span(weights, tokenizer,
     assert generate(Engine(ends, pipeline, tokenizer), tokenizer, PROMPTS[:2]) == expected
     assert pipeline.failovers == 1 and wider.forwards > 0
     assert all(h.local.kv.sessions == {} for h in (a, c, wider)) and pipeline.pending == {}  # a's caches were closed
+
+
+def test_a_hop_failing_while_it_replays_a_session_into_the_next_is_the_one_replaced(weights, tokenizer, quant_parts, engine):
+    """b dies; while the session is replayed into b's replica through a, a dies too: a (not the
+    replica being rebuilt) is replaced, and the replica's half-built cache is rebuilt from the start."""
+    runtime, _, ends = quant_parts
+    expected = generate(engine, tokenizer, PROMPTS[:1])
+    a, b = Hop(weights, runtime, 0, 12, "a", dies_after=6), Hop(weights, runtime, 12, 30, "b", dies_after=5)
+    a2, b2 = Hop(weights, runtime, 0, 12, "a2"), Hop(weights, runtime, 12, 30, "b2")
+    pipeline = SwarmPipeline(lambda: [a, b, a2, b2], 30, None, PeerHealth())
+    assert generate(Engine(ends, pipeline, tokenizer), tokenizer, PROMPTS[:1]) == expected
+    assert pipeline.failovers == 2 and a2.forwards > 0 and b2.forwards > 0
+    assert all(h.local.kv.sessions == {} for h in (a2, b2)) and pipeline.pending == {}

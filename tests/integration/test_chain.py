@@ -1,0 +1,98 @@
+"""Scout-to-Scout chaining with real Scout processes: Oracle → S1 → S2 → S3 → Oracle gives the
+single process's answers in fewer trips, a Scout that others cannot relay to is reached the hub
+way, and a Scout killed in the middle of a chain fails over to its replica."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from oracle.swarm.local_scouts import LocalScout
+
+from .conftest import ADMIN_KEY, OracleProcess
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
+SPANS = ((0, 10), (10, 20), (20, 30))
+
+
+@pytest.fixture(scope="module")
+def chain_scouts(tmp_path_factory):
+    made = []
+    try:
+        for span in SPANS:
+            made.append(LocalScout(span, tmp_path_factory.mktemp("chain")))
+        yield made
+    finally:
+        for s in made:
+            s.stop()
+
+
+def answers(url: str, model_id: str) -> list[str]:
+    c = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    return [c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=20)
+            .choices[0].message.content for p in PROMPTS]
+
+
+def test_a_chain_of_three_scouts_answers_as_one_process(chain_scouts, server, model_id, tmp_path):
+    swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in chain_scouts), "--no-audits")
+    try:
+        assert answers(swarm.url, model_id) == answers(server, model_id)
+        plane = swarm.status()["data_plane"]
+        chain = plane["chain"]
+        assert chain["enabled"] and chain["fallbacks"] == 0 and chain["passes"] > 0
+        assert chain["hops"] == 3 * chain["passes"]
+        # Every pass went through all three Scouts as one chain: one request out and one answer back
+        # (the hub path makes three); the rest are the frees of finished sessions.
+        scouts = swarm.status()["scouts"]
+        assert chain["passes"] == plane["passes"]
+        assert plane["round_trips"] == plane["passes"] + sum(s["round_trips"].get("cache", 0) for s in scouts)
+        assert all(s["chained_forwards"] == chain["passes"] and s["forwards"] == 0 for s in scouts)
+    finally:
+        swarm.stop()
+
+
+def test_a_scout_others_cannot_relay_to_is_reached_the_hub_way(chain_scouts, server, model_id, tmp_path_factory, tmp_path):
+    walled = LocalScout((10, 20), tmp_path_factory.mktemp("walled"), ["--inject-faults", "refuse_relays=1"])
+    try:
+        first, _, last = chain_scouts
+        swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in (first, walled, last)), "--no-audits")
+        try:
+            assert answers(swarm.url, model_id) == answers(server, model_id)
+            chain = swarm.status()["data_plane"]["chain"]
+            assert chain["breaks"] == 1 and chain["fallbacks"] == 1
+            assert [(p["from_peer"], p["to_peer"]) for p in chain["hub_only"]] == [(first.address.peer_id, walled.address.peer_id)]
+            assert chain["passes"] > 0 and chain["hops"] == 2 * chain["passes"]  # walled → last still chains
+            assert "broke at hop 1" in open(swarm.log_path).read()
+        finally:
+            swarm.stop()
+    finally:
+        walled.stop()
+
+
+def test_killing_the_middle_of_a_chain_fails_over_to_its_replica(chain_scouts, server, model_id, tmp_path_factory, tmp_path):
+    pair = [LocalScout((10, 20), tmp_path_factory.mktemp("replica")) for _ in range(2)]
+    try:
+        first, _, last = chain_scouts
+        swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in (first, *pair, last)), "--no-audits")
+        try:
+            kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+                      temperature=0, max_tokens=32)
+            expected = openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY).chat.completions.create(**kw).choices[0].message.content
+            c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+            pieces, killed = [], None
+            for i, chunk in enumerate(c.chat.completions.create(**kw, stream=True)):
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                if i == 5:  # SIGKILL the replica carrying the session, in the middle of the chain
+                    killed = next(s["peer_id"] for s in swarm.status()["scouts"] if s["span"] == [10, 20] and s["sessions"])
+                    next(s for s in pair if s.address.peer_id == killed).proc.kill()
+            assert "".join(pieces) == expected
+            log = open(swarm.log_path).read()
+            assert "failed: route" in log and killed in log
+            chain = swarm.status()["data_plane"]["chain"]
+            assert chain["passes"] > 0 and chain["fallbacks"] >= 1  # chained before and after the failover
+        finally:
+            swarm.stop()
+    finally:
+        for s in pair:
+            s.stop()

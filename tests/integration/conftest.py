@@ -88,6 +88,24 @@ def stream_logprobs(url: str, model_id: str, prompt: str, max_tokens: int, on_to
     return tokens
 
 
+def greedy_answers(url: str, model_id: str, prompts: list[str], max_tokens: int) -> list[str]:
+    c = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    return [c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}], temperature=0,
+                                      max_tokens=max_tokens).choices[0].message.content for p in prompts]
+
+
+def static_scouts(tmp_path_factory, spans, name: str = "scout"):
+    """One ``shard-scout --span`` process per span, stopped at the end (a generator for fixtures)."""
+    made = []
+    try:
+        for span in spans:
+            made.append(LocalScout(span, tmp_path_factory.mktemp(name)))
+        yield made
+    finally:
+        for s in made:
+            s.stop()
+
+
 class OracleProcess:
     """A real ``shard-oracle serve`` in its own data directory, stopped with SIGTERM."""
 

@@ -9,7 +9,7 @@ import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
-from .conftest import ADMIN_KEY, OracleProcess
+from .conftest import ADMIN_KEY, OracleProcess, greedy_answers, static_scouts
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
 SPANS = ((0, 10), (10, 20), (20, 30))
@@ -17,20 +17,11 @@ SPANS = ((0, 10), (10, 20), (20, 30))
 
 @pytest.fixture(scope="module")
 def chain_scouts(tmp_path_factory):
-    made = []
-    try:
-        for span in SPANS:
-            made.append(LocalScout(span, tmp_path_factory.mktemp("chain")))
-        yield made
-    finally:
-        for s in made:
-            s.stop()
+    yield from static_scouts(tmp_path_factory, SPANS, "chain")
 
 
 def answers(url: str, model_id: str) -> list[str]:
-    c = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    return [c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=20)
-            .choices[0].message.content for p in PROMPTS]
+    return greedy_answers(url, model_id, PROMPTS, 20)
 
 
 def test_a_chain_of_three_scouts_answers_as_one_process(chain_scouts, server, model_id, tmp_path):

@@ -11,27 +11,18 @@ import pytest
 from oracle.swarm.local_scouts import LocalScout
 from shard_common.identity import Identity
 
-from .conftest import ADMIN_KEY, OracleProcess, free_port
+from .conftest import ADMIN_KEY, OracleProcess, free_port, greedy_answers, static_scouts
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 
 
 @pytest.fixture(scope="module")
 def scouts(tmp_path_factory):
-    made = []
-    try:
-        for span in ((0, 11), (11, 30)):
-            made.append(LocalScout(span, tmp_path_factory.mktemp("scout")))
-        yield made
-    finally:
-        for s in made:
-            s.stop()
+    yield from static_scouts(tmp_path_factory, ((0, 11), (11, 30)))
 
 
 def answers(url: str, model_id: str) -> list[str]:
-    c = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    return [c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24)
-            .choices[0].message.content for p in PROMPTS]
+    return greedy_answers(url, model_id, PROMPTS, 24)
 
 
 def test_swarm_output_identical_to_single_process(scouts, server, model_id, tmp_path):

@@ -189,6 +189,8 @@ class SpanServer:
             await write_frame(writer, kind, reply, body)
 
     async def _apply_ops(self, span: Span, message: Forward, sessions: set[str]) -> Error | None:
+        if not message.ops:
+            return None  # most steps: no hand-off to the main thread and back
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, apply_cache_ops, span, message.ops, sessions)
         except REQUEST_ERRORS as e:

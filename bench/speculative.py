@@ -67,8 +67,17 @@ def run_mode(url: str, model: str, mode: str, kind: str, max_tokens: int) -> dic
     drafted, accepted = after["drafted"] - before["drafted"], after["accepted"] - before["accepted"]
     passes, emitted = after["passes"] - before["passes"], after["emitted"] - before["emitted"]
     trips = passes + (tokens - emitted)  # verification passes, and plain steps of one token each
-    return {"kind": kind, "mode": mode, "tokens": tokens, "tok_s": tokens / elapsed,
-            "acceptance": accepted / drafted if drafted else None, "tokens_per_pass": tokens / trips if trips else None}
+    row = {"kind": kind, "mode": mode, "tokens": tokens, "tok_s": tokens / elapsed,
+           "acceptance": accepted / drafted if drafted else None, "tokens_per_pass": tokens / trips if trips else None,
+           "ms_per_pass": elapsed * 1000 / trips if trips else None}
+    # Where a draft Scout's time goes: the engine waiting for drafts (not hidden behind the previous
+    # verification), per pass; the draft Scout's own compute, per draft.
+    b, a = before["drafter_stats"].get("scout"), after["drafter_stats"].get("scout")
+    if mode == "scout" and b and a and a["drafts"] > b["drafts"]:
+        row["draft_wait_ms"] = (a["wait_ms"] - b["wait_ms"]) / max(1, passes)
+        row["draft_compute_ms"] = (a["draft_compute_ms"] - b["draft_compute_ms"]) / (a["drafts"] - b["drafts"])
+        row["drafted_ahead_used"] = (a["ahead_used"] - b["ahead_used"]) / max(1, a["drafted_ahead"] - b["drafted_ahead"])
+    return row
 
 
 def measure(latency: float, scouts: int, max_tokens: int, draft: bool, port: int) -> list[dict]:
@@ -123,7 +132,8 @@ def main() -> None:
     rows = []
     for i, latency in enumerate(args.latencies):
         rows += measure(latency, args.scouts, args.max_tokens, args.draft, 8800 + i)
-    print_table(rows, ["latency_ms", "kind", "mode", "tokens", "tok_s", "speedup", "acceptance", "tokens_per_pass"])
+    print_table(rows, ["latency_ms", "kind", "mode", "tokens", "tok_s", "speedup", "acceptance", "tokens_per_pass", "ms_per_pass",
+                       "draft_wait_ms", "draft_compute_ms", "drafted_ahead_used"])
     print("wrote", write_json("speculative", {"max_tokens": args.max_tokens, "scouts": args.scouts, "results": rows}))
     save_plot(plot, rows, "speculative")
 

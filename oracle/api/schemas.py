@@ -551,7 +551,7 @@ class SpeculationStatus(Schema):
     acceptance_rate: float | None
     tokens_per_pass: float | None
     # Per drafter: a draft Scout's failures, drafts requested ahead of their step and those used.
-    drafter_stats: dict[str, dict[str, int]] = {}
+    drafter_stats: dict[str, dict[str, int | float]] = {}  # per drafter: failures, drafts ahead, waits (ms)
 
 
 class LinkStatus(Schema):

@@ -51,6 +51,8 @@ def test_draft_scout_speculation_gives_the_plain_greedy_output(swarm, model_id):
     # ... so its guess of the Oracle's next token comes true and drafts requested ahead get used.
     ahead = after["drafter_stats"]["scout"]
     assert ahead["ahead_used"] > 0 and ahead["ahead_used"] <= ahead["drafted_ahead"] and ahead["failures"] == 0
+    # Where the drafts' time went (bench/speculative.py reads it): the draft Scout's compute, the engine's wait.
+    assert ahead["drafts"] > 0 and ahead["draft_compute_ms"] > 0 and ahead["wait_ms"] >= 0
 
 
 def test_sampled_requests_speculate_with_the_drafters_distribution(swarm, model_id):

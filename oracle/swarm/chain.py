@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -113,7 +113,6 @@ class ChainStats:
     hops: int = 0  # hops they went through
     fallbacks: int = 0  # chained steps that broke and went the hub way
     overhead_ms: float = 0.0  # their wall time minus the Scouts' compute: trips, relays, frames, hand-offs
-    evidence: list = field(default_factory=list)  # the last chain's per-hop digests
 
     def status(self) -> dict:
         return {"passes": self.passes, "hops": self.hops, "fallbacks": self.fallbacks,
@@ -168,16 +167,13 @@ async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest]
     for k in range(1, n):
         if replies[k][0].input_sha256 != replies[k - 1][0].output_sha256:
             raise ChainBroken(f"{hops[k].peer_id} received other hidden states than {hops[k - 1].peer_id} says it sent", k, link=True)
-    evidence = []
     for k, (hop, (reply, _)) in enumerate(zip(hops, replies)):
-        hop.record_forward(reply, len(x), len(payload) if k == 0 else 0, len(body) if k == n - 1 else 0, timed=False)
-        evidence.append({"peer_id": hop.peer_id, "request_id": reply.id, "input_sha256": reply.input_sha256,
-                         "output_sha256": reply.output_sha256, "signature": reply.signature})
+        hop.record_forward(reply, reply.output_sha256, len(x), len(payload) if k == 0 else 0, len(body) if k == n - 1 else 0,
+                           timed=False)
     if stats is not None:
         stats.passes += 1
         stats.hops += n
         stats.overhead_ms += (time.perf_counter() - started) * 1000 - sum(reply.compute_ms for reply, _ in replies)
-        stats.evidence = evidence
     return tensor_from_bytes(body, last.dtype, last.shape)
 
 

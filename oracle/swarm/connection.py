@@ -103,7 +103,7 @@ class ScoutConnection:
         self.wire_bytes = 0
         self.ewma_ms: float | None = None  # forward round trip, smoothed: the routing weight
         self.last_used = 0.0
-        self.last_reply: dict | None = None  # the last forward reply's signed digest (evidence for tickets)
+        self.last_reply: dict | None = None  # the last forward's signed output digest (evidence: tickets, chains)
 
     @property
     def peer_id(self) -> str:
@@ -251,13 +251,14 @@ class ScoutConnection:
                           dtype=dtype, shape=tuple(hidden.shape), ops=ops or [])
         payload = tensor_to_bytes(hidden, dtype)
         reply, body = await self._request(Kind.FORWARD, message, payload)
-        self.record_forward(reply, hidden.shape[0], len(payload), len(body))
-        self.last_reply = {"request_id": reply.id, "output_sha256": hashlib.sha256(body).hexdigest(), "signature": reply.signature}
+        self.record_forward(reply, hashlib.sha256(body).hexdigest(), hidden.shape[0], len(payload), len(body))
         return tensor_from_bytes(body, reply.dtype, reply.shape)
 
-    def record_forward(self, reply, tokens: int, sent_bytes: int, received_bytes: int, timed: bool = True) -> None:
-        """A forward done. Only a hub forward's round trip is one the routing weight can use (a
-        chained hop's answer waits on the hops before it): ``timed`` False counts it as chained."""
+    def record_forward(self, reply, output_sha256: str, tokens: int, sent_bytes: int, received_bytes: int, timed: bool = True) -> None:
+        """A forward done, and its signed digest kept as evidence. Only a hub forward's round trip
+        is one the routing weight can use (a chained hop's answer waits on the hops before it):
+        ``timed`` False counts it as chained."""
+        self.last_reply = {"request_id": reply.id, "output_sha256": output_sha256, "signature": reply.signature}
         if timed:
             self.forwards += 1
             self.forward_ms += self.last_ms

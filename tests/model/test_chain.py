@@ -5,12 +5,14 @@ chain can break is reported with the hop or link that broke."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from oracle.engine.engine import Engine
+from oracle.engine.pipeline import LocalPipeline
 from oracle.engine.sampler import SamplingParams
 from oracle.engine.sequence import Sequence
 from oracle.swarm.chain import ChainBroken, ChainStats, run_chain
@@ -70,12 +72,11 @@ def test_a_chain_computes_what_the_blocks_compute_locally(spans, weights, quant_
         rollback = [[CacheOp(op="rollback", session="s", length=3)] for _ in conns]
         step = await run_chain(conns, hidden[3:4], [SpanRequest("s", 3, 1)], "float32", rollback, stats)
         assert stats.passes == 2 and stats.hops == 6
-        # Per-hop evidence: each hop signed what it sent on, and the next received exactly that.
-        evidence = stats.evidence
-        for k, e in enumerate(evidence):
-            assert verify_reply(conns[k].peer_id, e["request_id"], e["output_sha256"], e["signature"])
-            if k:
-                assert e["input_sha256"] == evidence[k - 1]["output_sha256"]
+        # Per-hop evidence: each hop signed the digest of what it sent on (run_chain checked that
+        # the next hop received exactly that), and the Oracle keeps it per Scout as for a hub forward.
+        for c in conns:
+            assert verify_reply(c.peer_id, **c.last_reply)
+        assert conns[2].last_reply["output_sha256"] == hashlib.sha256(tensor_to_bytes(step, "float32")).hexdigest()
         assert [c.chained for c in conns] == [2, 2, 2] and [c.forwards for c in conns] == [0, 0, 0]
         assert [s.relays.status()["received"] for s in servers] == [0, 2, 2]
         return out, step
@@ -140,30 +141,53 @@ def test_a_relay_from_a_peer_the_oracle_did_not_name_is_refused(spans, quant_par
     with_chain(spans, tmp_path, body)
 
 
-def test_the_pipeline_chains_and_falls_back_to_hub_across_a_refusing_scout(spans, weights, tokenizer, quant_parts, engine, tmp_path):
+def test_the_pipeline_chains_and_falls_back_to_hub_across_a_refusing_scout(route_spans, tokenizer, quant_parts, engine, tmp_path):
     """A whole generation through the SwarmPipeline over three Scouts: chained, the tokens are the
     local engine's; with the middle Scout refusing relays, the first step breaks, that link goes
     hub, and the tokens are still the same."""
-    full = [Span(weights, a, b, quant_parts[0]) for a, b in ((0, 10), (10, 20), (20, 30))]
-    prompt = tokenizer.encode_chat([{"role": "user", "content": "Name three colors."}])
-
-    def generate(eng):
-        seq = Sequence(prompt, SamplingParams(max_tokens=12, temperature=0), tokenizer, eng.context_length)
-        list(eng.generate([seq]))
-        return [c.token for c in seq.output]
-
-    expected = generate(engine)
+    expected = greedy_tokens(engine, tokenizer, "Name three colors.", 12)
     for faults in ({}, {1: FaultInjector("refuse_relays=1")}):
-        async def body(servers, conns):
-            loop = asyncio.get_running_loop()
-            pipeline = SwarmPipeline(lambda: conns, 30, loop, PeerHealth())
-            tokens = await loop.run_in_executor(None, generate, Engine(quant_parts[2], pipeline, tokenizer))
-            return tokens, pipeline.status()["chain"]
-
-        tokens, chain = with_chain(full, tmp_path, body, faults)
+        tokens, chain, _ = with_chain(route_spans, tmp_path, through_swarm(quant_parts, tokenizer, "Name three colors.", 12), faults)
         assert tokens == expected
         if faults:
             assert chain["fallbacks"] == 1 and chain["breaks"] == 1 and len(chain["hub_only"]) == 1
             assert chain["passes"] > 0  # the first link still chains: Oracle → S1 → Oracle → S2 → S3 → Oracle
         else:
             assert chain["fallbacks"] == 0 and chain["passes"] == chain["hops"] // 3 > 0
+
+
+def test_speculative_verification_and_its_rollbacks_travel_the_chain(route_spans, weights, tokenizer, quant_parts, tmp_path):
+    """Prompt lookup drafts several tokens a step: each verification is a multi-row chained step,
+    and the rollbacks of rejected drafts ride on the chain's requests; the tokens are those of plain
+    decoding in one process."""
+    text = "List the numbers from 1 to 20 separated by commas."
+    expected = greedy_tokens(Engine(quant_parts[2], LocalPipeline(Span(weights, 0, 30, quant_parts[0])), tokenizer), tokenizer, text, 24)
+    tokens, chain, speculation = with_chain(route_spans, tmp_path, through_swarm(quant_parts, tokenizer, text, 24, "ngram"))
+    assert tokens == expected
+    assert speculation["drafted"] > speculation["accepted"] > 0  # drafts were verified, some rejected (rolled back)
+    assert chain["passes"] > 0 and chain["fallbacks"] == 0
+
+
+@pytest.fixture(scope="module")
+def route_spans(weights, quant_parts):
+    return [Span(weights, a, b, quant_parts[0]) for a, b in ((0, 10), (10, 20), (20, 30))]
+
+
+def greedy_tokens(engine, tokenizer, text: str, max_tokens: int) -> list[int]:
+    seq = Sequence(tokenizer.encode_chat([{"role": "user", "content": text}]), SamplingParams(max_tokens=max_tokens, temperature=0),
+                   tokenizer, engine.context_length)
+    list(engine.generate([seq]))
+    return [c.token for c in seq.output]
+
+
+def through_swarm(quant_parts, tokenizer, text: str, max_tokens: int, speculative: str = "off"):
+    """A ``with_chain`` body: generate through a SwarmPipeline over the servers' connections (the
+    engine on a worker thread, the connections on the event loop); tokens and the status."""
+    async def body(servers, conns):
+        loop = asyncio.get_running_loop()
+        pipeline = SwarmPipeline(lambda: conns, 30, loop, PeerHealth())
+        engine = Engine(quant_parts[2], pipeline, tokenizer, speculative=speculative)
+        tokens = await loop.run_in_executor(None, greedy_tokens, engine, tokenizer, text, max_tokens)
+        return tokens, pipeline.status()["chain"], engine.speculation_status()
+
+    return body

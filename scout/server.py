@@ -217,7 +217,8 @@ class SpanServer:
             if message.next is not None:
                 await self._delay()
                 await self.relays.send(message.next, oracle, message.dtype, message.shape, payload)
-                payload = b""  # the Oracle gets the digest; the next Scout has the output
+                if not message.echo:
+                    payload = b""  # the Oracle gets the digest; the next Scout has the output
             kind = Kind.RESULT
         except RelayFailed as e:
             kind, reply, payload = Kind.ERROR, Error(id=message.id, code=e.code, message=str(e)), b""

@@ -99,7 +99,8 @@ class Forward(Message):
     Chained (Oracle → S1 → … → Sn → Oracle): with ``source``, the hidden states come from that
     Scout in a RELAY frame instead of in this frame's body; with ``next``, the output goes on to
     the next Scout and the reply to the Oracle is an acknowledgement carrying the signed digest
-    of the output, without the output itself."""
+    of the output, and the output itself only with ``echo`` (off the critical path: the Oracle
+    checks it while the next hops compute)."""
 
     sessions: list[SessionSlice] = Field(min_length=1, max_length=4096)
     dtype: str
@@ -107,6 +108,7 @@ class Forward(Message):
     ops: list[CacheOp] = Field(default_factory=list, max_length=4096)
     source: str | None = Field(default=None, max_length=128)
     next: NextHop | None = None
+    echo: bool = False  # a chained hop's acknowledgement carries its output too (for the Oracle's checks)
 
 
 class Relay(Message):

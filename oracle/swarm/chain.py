@@ -120,16 +120,17 @@ class ChainStats:
 
 
 async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest], dtype: str,
-                    ops: Sequence[list[CacheOp]], stats: ChainStats | None = None) -> torch.Tensor:
-    """The output of ``hops`` (ScoutConnections, in route order) for ``x``; ``ops[k]`` ride on hop
-    k's request. Raises ChainBroken."""
+                    ops: Sequence[list[CacheOp]], stats: ChainStats | None = None, echo: bool = False) -> list[torch.Tensor | None]:
+    """Every hop's output for ``x`` through ``hops`` (ScoutConnections, in route order): the last
+    always, the others only with ``echo`` (None otherwise); ``ops[k]`` ride on hop k's request.
+    Raises ChainBroken."""
     n = len(hops)
     sessions = [SessionSlice(session=r.session, start=r.start, n_tokens=r.n_tokens) for r in requests]
     ids = [hop.reserve() for hop in hops]
     messages = [Forward(sessions=sessions, dtype=dtype, shape=tuple(x.shape), ops=ops[k],
                         source=hops[k - 1].peer_id if k else None,
                         next=NextHop(peer_id=hops[k + 1].peer_id, host=hops[k + 1].address.host, port=hops[k + 1].address.port,
-                                     id=ids[k + 1]) if k + 1 < n else None)
+                                     id=ids[k + 1]) if k + 1 < n else None, echo=echo)
                 for k in range(n)]
     payload = tensor_to_bytes(x, dtype)
     started = time.perf_counter()
@@ -161,20 +162,20 @@ async def run_chain(hops: Sequence, x: torch.Tensor, requests: list[SpanRequest]
                 raise
     finally:
         _give_up(sent)
-    (last, body) = replies[-1]
-    if hashlib.sha256(body).hexdigest() != last.output_sha256:
-        raise ChainBroken(f"{hops[-1].peer_id} sent an output other than the one it signed", n - 1, link=False)
-    for k in range(1, n):
-        if replies[k][0].input_sha256 != replies[k - 1][0].output_sha256:
-            raise ChainBroken(f"{hops[k].peer_id} received other hidden states than {hops[k - 1].peer_id} says it sent", k, link=True)
-    for k, (hop, (reply, _)) in enumerate(zip(hops, replies)):
-        hop.record_forward(reply, reply.output_sha256, len(x), len(payload) if k == 0 else 0, len(body) if k == n - 1 else 0,
-                           timed=False)
+    outputs: list[torch.Tensor | None] = []
+    for k, (hop, (reply, body)) in enumerate(zip(hops, replies)):
+        if (body or k == n - 1) and hashlib.sha256(body).hexdigest() != reply.output_sha256:
+            raise ChainBroken(f"{hop.peer_id} sent an output other than the one it signed", k, link=False)
+        if k and reply.input_sha256 != replies[k - 1][0].output_sha256:
+            raise ChainBroken(f"{hop.peer_id} received other hidden states than {hops[k - 1].peer_id} says it sent", k, link=True)
+        outputs.append(tensor_from_bytes(body, reply.dtype, reply.shape) if body or k == n - 1 else None)
+    for k, (hop, (reply, body)) in enumerate(zip(hops, replies)):
+        hop.record_forward(reply, reply.output_sha256, len(x), len(payload) if k == 0 else 0, len(body), timed=False)
     if stats is not None:
         stats.passes += 1
         stats.hops += n
         stats.overhead_ms += (time.perf_counter() - started) * 1000 - sum(reply.compute_ms for reply, _ in replies)
-    return tensor_from_bytes(body, last.dtype, last.shape)
+    return outputs
 
 
 def _give_up(sent: list) -> None:

@@ -286,10 +286,15 @@ class SwarmPipeline:
         return chain_length(links, self.breaks.broken)
 
     def _chained(self, hops: list, x: torch.Tensor, requests: list[SpanRequest]) -> Resumable[torch.Tensor]:
+        """One step through a chain of Scouts. With audits on, every hop echoes its output, and each
+        is reviewed as on the hub path (plausibility, recomputation of a suspicious one, taint)
+        before the last hop's output is used."""
         ops = [self.pending.pop(hop, []) for hop in hops]
         self.round_trips += 1
+        echo = self.traffic is not None
         try:
-            out = yield Waiting(self.loop, start_on_loop(self.loop, run_chain(hops, x, requests, self.wire_dtype, ops, self.chains)))
+            outputs = yield Waiting(self.loop, start_on_loop(self.loop, run_chain(hops, x, requests, self.wire_dtype, ops,
+                                                                                  self.chains, echo)))
         except ChainBroken as e:
             for k in e.unsent:  # their operations never left: they ride on the next forward after all
                 if ops[k]:
@@ -297,10 +302,12 @@ class SwarmPipeline:
             raise
         for a, b in zip(hops, hops[1:]):
             self.breaks.healed(a.peer_id, b.peer_id)
-        if self.traffic is not None:
-            for hop in hops:
-                self.traffic.served_unchecked(hop.peer_id, requests)
-        return out
+        if echo:
+            inputs = [x] + outputs[:-1]
+            for k, hop in enumerate(hops):
+                if not self.traffic.review(hop.peer_id, hop.span, inputs[k], outputs[k], requests, self.history.replay):
+                    raise ChainBroken(f"Scout {hop.peer_id} failed a check of its output", k, link=False)
+        return outputs[-1]
 
     def _unwind(self, hops: list, requests: list[SpanRequest]) -> None:
         """Hops that may have computed this step forget it (before their next forward)."""

@@ -125,7 +125,8 @@ class TrafficAudit:
         """Whether a forward of ``requests`` on ``peer`` is to be checked, so the Oracle must see
         its input and output (the hub path): when the Scout is on probation, a session starts there
         (whether it is followed is decided then), or one of them is followed there. Otherwise it may
-        travel a chain of Scouts (it still counts towards a random re-probation)."""
+        travel a chain of Scouts, where ``review`` judges it (it still counts towards a random
+        re-probation)."""
         if not self.health.audited(peer):
             return False
         if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
@@ -133,10 +134,11 @@ class TrafficAudit:
         return bool(self.health.probation_left(peer)) or any(r.start == 0 or span in self.followed.get(r.session, ())
                                                                 for r in requests)
 
-    def served_unchecked(self, peer: str, requests: list[SpanRequest]) -> None:
-        """``peer`` carried these sessions in a chain, unchecked: they are tainted if it fails later."""
-        if self.health.audited(peer):
-            self.taint.served(peer, [r.session for r in requests])
+    def review(self, peer: str, span: tuple[int, int], x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest],
+               replay: Replay) -> bool:
+        """Whether a forward nothing was followed in (a hop of a chain) may be used: ``judge``
+        without an expectation (plausibility, a suspicious output recomputed, what it served unchecked)."""
+        return self.judge(Expectation(peer, span, {}), x, out, requests, replay)
 
     def judge(self, plan: Expectation, x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest], replay: Replay) -> bool:
         """Whether ``out`` (what the Scout answered) may be used. A failed check is a verdict (the

@@ -18,7 +18,12 @@ from oracle.engine.sequence import Sequence
 from oracle.swarm.chain import ChainBroken, ChainStats, run_chain
 from oracle.swarm.connection import ScoutAddress, ScoutConnection
 from oracle.swarm.runner import SwarmPipeline
-from oracle.trust.health import PeerHealth
+from oracle.trust.audit_policy import AuditPolicy
+from oracle.trust.health import HealthPolicy, PeerHealth
+from oracle.trust.plausibility import Plausibility
+from oracle.trust.reference import ReferenceModel
+from oracle.trust.traffic import TrafficAudit
+from oracle.trust.verdicts import Verdicts
 from scout.faults import FaultInjector
 from scout.server import SpanServer
 from shard_common.identity import Identity, verify_reply
@@ -34,7 +39,7 @@ def spans(weights, quant_parts):
     return [Span(weights, a, b, quant_parts[0]) for a, b in SPANS]
 
 
-def with_chain(spans, tmp_path, body, faults=None):
+def with_chain(spans, tmp_path, body, faults=None, health=None):
     """Start one server per span (``faults``: index → FaultInjector), connect an Oracle to each."""
     async def main():
         oracle = Identity.generate()
@@ -46,7 +51,7 @@ def with_chain(spans, tmp_path, body, faults=None):
                 await server.start("127.0.0.1", 0)
                 servers.append(server)
                 conns.append(await ScoutConnection(ScoutAddress(server.identity.peer_id, "127.0.0.1", server.port), oracle,
-                                                   timeout=5.0).open())
+                                                   timeout=5.0, health=health).open())
             return await body(servers, conns)
         finally:
             for c in conns:
@@ -57,8 +62,8 @@ def with_chain(spans, tmp_path, body, faults=None):
     return asyncio.run(main())
 
 
-def local_output(weights, quant_parts, hidden, session):
-    whole = Span(weights, 0, 3, quant_parts[0])
+def local_output(weights, quant_parts, hidden, session, end=3):
+    whole = Span(weights, 0, end, quant_parts[0])
     return whole.forward(hidden, [SpanRequest(session, 0, len(hidden))])
 
 
@@ -68,18 +73,20 @@ def test_a_chain_computes_what_the_blocks_compute_locally(spans, weights, quant_
     async def body(servers, conns):
         stats = ChainStats()
         out = await run_chain(conns, hidden, [SpanRequest("s", 0, 4)], "float32", [[], [], []], stats)
-        # A decode step after it, with a rollback riding on every hop's request.
+        assert out[0] is None and out[1] is None  # only the last hop's output comes back
+        # A decode step after it, with a rollback riding on every hop's request; every hop echoes its output.
         rollback = [[CacheOp(op="rollback", session="s", length=3)] for _ in conns]
-        step = await run_chain(conns, hidden[3:4], [SpanRequest("s", 3, 1)], "float32", rollback, stats)
+        step = await run_chain(conns, hidden[3:4], [SpanRequest("s", 3, 1)], "float32", rollback, stats, echo=True)
+        assert torch.equal(step[0], local_output(weights, quant_parts, hidden, "echo", 1)[3:4])
         assert stats.passes == 2 and stats.hops == 6
         # Per-hop evidence: each hop signed the digest of what it sent on (run_chain checked that
         # the next hop received exactly that), and the Oracle keeps it per Scout as for a hub forward.
         for c in conns:
             assert verify_reply(c.peer_id, **c.last_reply)
-        assert conns[2].last_reply["output_sha256"] == hashlib.sha256(tensor_to_bytes(step, "float32")).hexdigest()
+        assert conns[2].last_reply["output_sha256"] == hashlib.sha256(tensor_to_bytes(step[-1], "float32")).hexdigest()
         assert [c.chained for c in conns] == [2, 2, 2] and [c.forwards for c in conns] == [0, 0, 0]
         assert [s.relays.status()["received"] for s in servers] == [0, 2, 2]
-        return out, step
+        return out[-1], step[-1]
 
     out, step = with_chain(spans, tmp_path, body)
     expected = local_output(weights, quant_parts, hidden, "s")
@@ -180,14 +187,49 @@ def greedy_tokens(engine, tokenizer, text: str, max_tokens: int) -> list[int]:
     return [c.token for c in seq.output]
 
 
-def through_swarm(quant_parts, tokenizer, text: str, max_tokens: int, speculative: str = "off"):
+def through_swarm(quant_parts, tokenizer, text: str, max_tokens: int, speculative: str = "off", **pipeline_options):
     """A ``with_chain`` body: generate through a SwarmPipeline over the servers' connections (the
     engine on a worker thread, the connections on the event loop); tokens and the status."""
     async def body(servers, conns):
         loop = asyncio.get_running_loop()
-        pipeline = SwarmPipeline(lambda: conns, 30, loop, PeerHealth())
+        pipeline = SwarmPipeline(lambda: conns, 30, loop, pipeline_options.pop("health", PeerHealth()), **pipeline_options)
         engine = Engine(quant_parts[2], pipeline, tokenizer, speculative=speculative)
         tokens = await loop.run_in_executor(None, greedy_tokens, engine, tokenizer, text, max_tokens)
         return tokens, pipeline.status()["chain"], engine.speculation_status()
 
     return body
+
+
+class LiesWhenDecoding(FaultInjector):
+    """Honest on prompts (checked the hub way, where sessions start), grossly wrong on every decode
+    step, which travels the chain unchecked by any follower."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def forward(self, hidden, out):
+        return out * 50 if len(hidden) == 1 else out
+
+
+def test_a_liar_in_the_middle_of_a_chain_is_caught_and_routed_around(route_spans, weights, tokenizer, quant_parts, engine, tmp_path):
+    """Audits on, nothing followed: every hop of a chain echoes its output and is judged as on the
+    hub path; the liar's first decode output is implausible, recomputed, found wrong: it is
+    quarantined, the step goes to its replica, and no wrong token comes out."""
+    spans = [*route_spans, Span(weights, 10, 20, quant_parts[0])]  # the last: an honest replica of the liar's blocks
+    health = PeerHealth(policy=HealthPolicy(probation=0))
+    runtime = quant_parts[0]
+    plausibility = Plausibility(min_rows=16)
+    traffic = TrafficAudit(ReferenceModel(weights, runtime), Verdicts(health), "float32",
+                           AuditPolicy(probation=0, floor=0.0, budget=0.0, reprobation=0.0), plausibility, seed=0)
+    # Calibrated on verified outputs of the liar's blocks (what audits of followed sessions feed it).
+    rows = quant_parts[2].embed(tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea and the sky."}]))
+    front, middle = Span(weights, 0, 10, runtime), Span(weights, 10, 20, runtime)
+    plausibility.learn((10, 20), middle.forward(front.forward(rows, [SpanRequest("c", 0, len(rows))]), [SpanRequest("c", 0, len(rows))]))
+    expected = greedy_tokens(engine, tokenizer, "Name three colors.", 8)
+    tokens, chain, _ = with_chain(spans, tmp_path, through_swarm(quant_parts, tokenizer, "Name three colors.", 8, health=health,
+                                                                 traffic=traffic),
+                                  faults={1: LiesWhenDecoding()}, health=health)
+    assert tokens == expected
+    liar = next(p for p in health._peers if health.trust(p) != "active")
+    assert health.trust(liar) == "quarantined" and traffic.recomputed >= 1
+    assert chain["fallbacks"] == 1 and chain["passes"] > 0  # chained before it was caught, and after, through the replica

@@ -44,7 +44,9 @@ class Arrival:
 
 
 class Relays:
-    HANDSHAKE_SECONDS = 10.0
+    # A next hop that cannot be reached costs the step this much once (then the link goes hub-only):
+    # TCP, TLS and the greeting take well under a second between reachable hosts.
+    HANDSHAKE_SECONDS = 5.0
     WAIT_SECONDS = 120.0  # a relay that has not come by then will not (its chain broke upstream)
     MAX_EARLY = 256  # relays that came before their request; beyond this the oldest go
 

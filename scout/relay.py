@@ -48,7 +48,8 @@ class Relays:
     # TCP, TLS and the greeting take well under a second between reachable hosts.
     HANDSHAKE_SECONDS = 5.0
     WAIT_SECONDS = 120.0  # a relay that has not come by then will not (its chain broke upstream)
-    MAX_EARLY = 256  # relays that came before their request; beyond this the oldest go
+    MAX_EARLY = 256  # relays that came before their request; beyond this (or MAX_EARLY_BYTES) the oldest go
+    MAX_EARLY_BYTES = 64 * 1024 * 1024
 
     def __init__(self, identity: Identity, refuse: bool = False):
         self.identity = identity
@@ -57,6 +58,7 @@ class Relays:
         self._dialing: dict[str, asyncio.Lock] = {}
         self._waiting: dict[tuple[str, int], tuple[str, asyncio.Future]] = {}
         self._early: OrderedDict[tuple[str, int], Arrival] = OrderedDict()
+        self._early_bytes = 0
         self.sent = self.received = self.refused = 0
 
     # ---- sending ----------------------------------------------------------------------------------
@@ -124,8 +126,9 @@ class Relays:
             raise ConnectionRefusedError("relays are refused here")
         if waiting is None:
             self._early[key] = Arrival(sender, relay, body, time.monotonic())
-            while len(self._early) > self.MAX_EARLY:
-                self._early.popitem(last=False)
+            self._early_bytes += len(body)
+            while len(self._early) > self.MAX_EARLY or self._early_bytes > self.MAX_EARLY_BYTES:
+                self._early_bytes -= len(self._early.popitem(last=False)[1].body)
             return
         source, future = waiting
         if sender != source:
@@ -146,6 +149,7 @@ class Relays:
         try:
             early = self._early.pop(key, None)
             if early is not None:
+                self._early_bytes -= len(early.body)
                 self.deliver(early.sender, early.relay, early.body)
             return await asyncio.wait_for(future, self.WAIT_SECONDS)
         except asyncio.TimeoutError:

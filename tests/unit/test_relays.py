@@ -55,6 +55,10 @@ def test_early_relays_are_bounded():
         for i in range(Relays.MAX_EARLY + 10):
             relays.deliver("s1", relay(i), b"")
         assert len(relays._early) == Relays.MAX_EARLY and (("oracle", 0) not in relays._early)
+        relays.MAX_EARLY_BYTES = 10
+        relays.deliver("s1", relay(1000), b"x" * 8)
+        relays.deliver("s1", relay(1001), b"x" * 8)  # past the byte cap: the oldest go until it fits
+        assert list(relays._early) == [("oracle", 1001)] and relays._early_bytes == 8
 
     run(body)
 

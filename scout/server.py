@@ -122,7 +122,7 @@ class SpanServer:
         """Answer an authenticated peer's requests on this stream until it closes: an Oracle's (on
         a connection it opened, or one this Scout opened to an Oracle that cannot reach it:
         scout/dialer.py), or relays from a Scout before this one in a chain. A peer outside
-        ``--allow-peers`` may only relay (a relay is used only where an allowed Oracle said so)."""
+        ``--allow-oracles`` may only relay (a relay is used only where an allowed Oracle said so)."""
         span = None
         sessions: set[str] = set()
         chained: set[asyncio.Task] = set()

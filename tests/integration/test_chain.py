@@ -1,6 +1,7 @@
 """Scout-to-Scout chaining with real Scout processes: Oracle → S1 → S2 → S3 → Oracle gives the
 single process's answers in fewer trips, a Scout that others cannot relay to is reached the hub
-way, and a Scout killed in the middle of a chain fails over to its replica."""
+way, a route mixes chained links with a Scout behind NAT, and a Scout killed in the middle of a
+chain fails over to its replica."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
-from .conftest import ADMIN_KEY, OracleProcess, greedy_answers, static_scouts
+from .conftest import ADMIN_KEY, OracleProcess, ScoutSwarm, greedy_answers, static_scouts
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
 SPANS = ((0, 10), (10, 20), (20, 30))
@@ -87,3 +88,24 @@ def test_killing_the_middle_of_a_chain_fails_over_to_its_replica(chain_scouts, s
     finally:
         for s in pair:
             s.stop()
+
+
+def test_a_route_mixes_chained_links_and_a_scout_behind_nat(tmp_path_factory, server, model_id):
+    """Scouts a, b (``--no-listen``: it dials the Oracle, no address to relay to) and c join over
+    libp2p and get blocks 0–10, 10–20, 20–30: a step goes Oracle → a → Oracle → b → c → Oracle."""
+    swarm = ScoutSwarm(tmp_path_factory.mktemp("mixed"), "--blocks-per-scout", "10", "--no-audits")
+    try:
+        for name, extra in (("a", ()), ("b", ("--no-listen",)), ("c", ())):
+            swarm.add(name, *extra)
+            swarm.oracle.wait_for(f"Scout {name} serving", lambda st, name=name: (s := swarm.scout(name, st))
+                                  and s["state"] in ("active", "spare"), timeout=120)
+        assert greedy_answers(swarm.oracle.url, model_id, PROMPTS, 20) == answers(server, model_id)
+        status = swarm.oracle.status()
+        a, b, c = (swarm.scout(name, status) for name in "abc")
+        assert [a["span"], b["span"], c["span"]] == [[0, 10], [10, 20], [20, 30]] and b["reached"] == "scout-dialed"
+        chain = status["data_plane"]["chain"]
+        assert chain["passes"] > 0 and chain["hops"] == 2 * chain["passes"] and chain["fallbacks"] == 0
+        assert a["forwards"] > 0 and a["chained_forwards"] == 0  # nobody can relay to b: a goes the hub way
+        assert b["chained_forwards"] == c["chained_forwards"] == chain["passes"]  # b dials out to c
+    finally:
+        swarm.stop()

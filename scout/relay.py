@@ -56,6 +56,7 @@ class Relays:
         self.refuse = refuse  # testing only (--inject-faults refuse_relays=1): a Scout others cannot relay to
         self._out: dict[str, tuple[tuple[str, int], asyncio.StreamWriter]] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
+        self._watching: set[asyncio.Task] = set()  # held here: the loop keeps only weak references to tasks
         self._waiting: dict[tuple[str, int], tuple[str, asyncio.Future]] = {}
         self._early: OrderedDict[tuple[str, int], Arrival] = OrderedDict()
         self._early_bytes = 0
@@ -89,7 +90,9 @@ class Relays:
                 writer.close()
                 raise RelayFailed("next_hop_unreachable", f"{hop.peer_id} greeted with {kind.name}: {getattr(greeting, 'message', '')}")
             self._out[hop.peer_id] = (address, writer)
-            asyncio.get_running_loop().create_task(self._watch(hop.peer_id, reader, writer))
+            watch = asyncio.get_running_loop().create_task(self._watch(hop.peer_id, reader, writer))
+            self._watching.add(watch)
+            watch.add_done_callback(self._watching.discard)
             return writer
 
     async def _watch(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

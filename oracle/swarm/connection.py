@@ -39,7 +39,6 @@ class Sent:
     """A request on its way: its reply arrives in ``answer``."""
 
     kind: Kind
-    id: int
     answer: asyncio.Future
     at: float  # when it was sent
 
@@ -203,7 +202,8 @@ class ScoutConnection:
             self.dead = True
             raise ScoutUnreachable(f"Scout {peer} is gone")
         message.id = request_id or next(self._ids)
-        sent = Sent(kind, message.id, self._waiting.setdefault(message.id, asyncio.get_running_loop().create_future()), time.perf_counter())
+        answer = self._waiting[message.id] = asyncio.get_running_loop().create_future()
+        sent = Sent(kind, answer, time.perf_counter())
         try:
             async with self._write_lock:
                 await write_frame(self._writer, kind, message, body)

@@ -113,8 +113,9 @@ class ScoutDrafter:
         assumed, k, future = self.ahead.pop(session, (None, 0, None))
         if future is None:
             return None
+        since = time.perf_counter()
         try:
-            drafted = self._waited(time.perf_counter(), wait_for_future(self.loop, future))
+            drafted = self._waited(since, wait_for_future(self.loop, future))
         except ScoutError as e:
             self._fail(scout, session, str(e))
             return None
@@ -134,8 +135,9 @@ class ScoutDrafter:
         if drafted is None:
             if session not in self.reserved:  # the request ahead failed: the Scout was dropped
                 return self.fallback.lookup(tokens, k)
+            since = time.perf_counter()
             try:
-                drafted = self._waited(time.perf_counter(), wait_on_loop(
+                drafted = self._waited(since, wait_on_loop(
                     self.loop, scout.draft(self._request(session, tokens, want, params), self.deadline_seconds)))
             except ScoutError as e:
                 self._fail(scout, session, str(e))

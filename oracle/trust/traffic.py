@@ -91,8 +91,7 @@ class TrafficAudit:
             return Expectation(peer, span, {})
         t0 = time.monotonic()
         mirror = self.reference.hop(*span)
-        if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
-            self.health.start_probation(peer, self.policy.reprobation_forwards)
+        self._maybe_reprobate(peer)
         share = follow_share(self.policy, self.health.probation_left(peer), self.health.clean_checks(peer), self.clock.share())
         for r in requests:
             if r.start == 0:
@@ -129,10 +128,14 @@ class TrafficAudit:
         re-probation)."""
         if not self.health.audited(peer):
             return False
-        if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
-            self.health.start_probation(peer, self.policy.reprobation_forwards)
+        self._maybe_reprobate(peer)
         return bool(self.health.probation_left(peer)) or any(r.start == 0 or span in self.followed.get(r.session, ())
                                                                 for r in requests)
+
+    def _maybe_reprobate(self, peer: str) -> None:
+        """Per forward, a small chance that a trusted Scout goes back on probation."""
+        if self.health.probation_left(peer) == 0 and self._random.random() < self.policy.reprobation:
+            self.health.start_probation(peer, self.policy.reprobation_forwards)
 
     def review(self, peer: str, span: tuple[int, int], x: torch.Tensor, out: torch.Tensor, requests: list[SpanRequest],
                replay: Replay) -> bool:

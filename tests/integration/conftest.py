@@ -94,6 +94,25 @@ def greedy_answers(url: str, model_id: str, prompts: list[str], max_tokens: int)
                                       max_tokens=max_tokens).choices[0].message.content for p in prompts]
 
 
+def stream_killing_the_carrier(swarm, scouts, span: tuple[int, int], server: str, model_id: str,
+                               max_tokens: int) -> tuple[str, str, str]:
+    """Stream a greedy answer from ``swarm`` and, a few chunks in, SIGKILL whichever of ``scouts``
+    serving ``span`` carries the session: (the streamed text, the single process's answer, the
+    killed Scout's peer id)."""
+    kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+              temperature=0, max_tokens=max_tokens)
+    expected = openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY).chat.completions.create(**kw).choices[0].message.content
+    c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    pieces, killed = [], None
+    for i, chunk in enumerate(c.chat.completions.create(**kw, stream=True)):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if i == 5:
+            killed = next(s["peer_id"] for s in swarm.status()["scouts"] if s["span"] == list(span) and s["sessions"])
+            next(s for s in scouts if s.address.peer_id == killed).proc.kill()
+    return "".join(pieces), expected, killed
+
+
 def static_scouts(tmp_path_factory, spans, name: str = "scout"):
     """One ``shard-scout --span`` process per span, stopped at the end (a generator for fixtures)."""
     made = []

@@ -5,12 +5,11 @@ chain fails over to its replica."""
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 from oracle.swarm.local_scouts import LocalScout
 
-from .conftest import ADMIN_KEY, OracleProcess, ScoutSwarm, greedy_answers, static_scouts
+from .conftest import OracleProcess, ScoutSwarm, greedy_answers, static_scouts, stream_killing_the_carrier
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain."]
 SPANS = ((0, 10), (10, 20), (20, 30))
@@ -67,18 +66,9 @@ def test_killing_the_middle_of_a_chain_fails_over_to_its_replica(chain_scouts, s
         first, _, last = chain_scouts
         swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in (first, *pair, last)), "--no-audits")
         try:
-            kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
-                      temperature=0, max_tokens=32)
-            expected = openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY).chat.completions.create(**kw).choices[0].message.content
-            c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-            pieces, killed = [], None
-            for i, chunk in enumerate(c.chat.completions.create(**kw, stream=True)):
-                if chunk.choices:
-                    pieces.append(chunk.choices[0].delta.content or "")
-                if i == 5:  # SIGKILL the replica carrying the session, in the middle of the chain
-                    killed = next(s["peer_id"] for s in swarm.status()["scouts"] if s["span"] == [10, 20] and s["sessions"])
-                    next(s for s in pair if s.address.peer_id == killed).proc.kill()
-            assert "".join(pieces) == expected
+            # SIGKILL the replica carrying the session, in the middle of the chain, mid-stream.
+            streamed, expected, killed = stream_killing_the_carrier(swarm, pair, (10, 20), server, model_id, 32)
+            assert streamed == expected
             log = open(swarm.log_path).read()
             assert "failed: route" in log and killed in log
             chain = swarm.status()["data_plane"]["chain"]

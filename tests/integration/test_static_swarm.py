@@ -11,7 +11,7 @@ import pytest
 from oracle.swarm.local_scouts import LocalScout
 from shard_common.identity import Identity
 
-from .conftest import ADMIN_KEY, OracleProcess, free_port, greedy_answers, static_scouts
+from .conftest import ADMIN_KEY, OracleProcess, free_port, greedy_answers, static_scouts, stream_killing_the_carrier
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
 
@@ -77,18 +77,9 @@ def test_killing_a_scout_mid_stream_fails_over_to_a_replica(tmp_path_factory, se
             made.append(LocalScout(span, tmp_path_factory.mktemp("fo")))
         swarm = OracleProcess(tmp_path, "--scouts", ",".join(str(s.address) for s in made))
         try:
-            kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
-                      temperature=0, max_tokens=40)
-            expected = openai.OpenAI(base_url=server + "/v1", api_key=ADMIN_KEY).chat.completions.create(**kw).choices[0].message.content
-            c = openai.OpenAI(base_url=swarm.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-            pieces = []
-            for i, chunk in enumerate(c.chat.completions.create(**kw, stream=True)):
-                if chunk.choices:
-                    pieces.append(chunk.choices[0].delta.content or "")
-                if i == 5:  # kill the replica this session is routed through
-                    carrier = next(s["peer_id"] for s in swarm.status()["scouts"] if s["span"] == [11, 30] and s["sessions"])
-                    next(s for s in made if s.address.peer_id == carrier).proc.kill()
-            assert "".join(pieces) == expected
+            # SIGKILL the replica this session is routed through, mid-stream.
+            streamed, expected, _ = stream_killing_the_carrier(swarm, made, (11, 30), server, model_id, 40)
+            assert streamed == expected
             assert "failed: route" in open(swarm.log_path).read()
         finally:
             swarm.stop()

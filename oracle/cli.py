@@ -20,6 +20,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                "own blocks, golden tickets' reference and the model's ends run")
     add_option(p, "--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
                help="quantize a Hugging Face checkpoint at load time")
+    add_option(p, "--kernels", default="auto", choices=["auto", "native", "eager"],
+               help="the operations between a block's matmuls on CPU: native = compiled once on this machine (needs a "
+                    "C++ compiler; ~1.5x faster decode), eager = torch ops; auto = native where it builds")
     add_option(p, "--kv-budget-gb", default=2.0, type=float, help="memory for KV caches")
     add_option(p, "--speculative", default="auto", choices=["off", "ngram", "scout", "auto"],
                help="speculative decoding: ngram = prompt lookup; scout = a draft Scout (falls back to ngram); "
@@ -34,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from oracle.engine.sequence import Sequence
 
     local = build_local_model(args.model, args.backend, args.kv_budget_gb, args.quantize, speculative=args.speculative,
-                              device=args.device)
+                              device=args.device, kernels=args.kernels)
     tok = local.tokenizer
     ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
     params = SamplingParams(

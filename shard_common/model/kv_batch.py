@@ -72,6 +72,19 @@ class Reads:
     prefill: list[PrefillRead]
 
 
+@dataclass
+class RowKeys:
+    """For the native kernels: each row of a session with a few new rows (``rows``) attends the
+    slots ``slots[begin[i]:begin[i] + count[i]]``, exactly the positions it may see; no padding
+    and no mask, since those kernels compute every row on its own. Prefill chunks as in ``Reads``."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    begin: torch.Tensor
+    count: torch.Tensor
+    prefill: list[PrefillRead]
+
+
 @dataclass(frozen=True)
 class Entry:
     cache: SessionCache
@@ -91,6 +104,7 @@ class KVBatch:
             torch.cat([e.cache.slots[i][e.start:e.start + e.n] for e in entries]).to(device) for i in range(len(pool.stores))
         ]
         self._reads: dict[tuple[int, int], Reads] = {}
+        self._row_keys: dict[tuple[int, int], RowKeys] = {}
 
     def store(self, layer: int) -> tuple[PageStore, int]:
         """The store block ``layer`` of the span keeps its keys in, and its layer there."""
@@ -105,6 +119,35 @@ class KVBatch:
         if key not in self._reads:
             self._reads[key] = self._plan(key[0], window)
         return self._reads[key]
+
+    def row_keys(self, layer: int, window: int) -> RowKeys:
+        key = (self.pool.layers[layer][0], window)
+        if key not in self._row_keys:
+            self._row_keys[key] = self._plan_rows(key[0], window)
+        return self._row_keys[key]
+
+    def _plan_rows(self, store: int, window: int) -> RowKeys:
+        rows, begin, count, runs, prefill = [], [], [], [], []
+        row = taken = 0
+        for e in self.entries:
+            end = e.start + e.n
+            first = max(0, end - window - e.n + 1) if window else 0
+            if e.n <= GROUPED_ROWS:
+                runs.append(e.cache.slots[store][first:end])
+                for i in range(e.n):
+                    position = e.start + i
+                    row_first = max(first, position - window + 1) if window else first
+                    rows.append(row + i)
+                    begin.append(taken + row_first - first)
+                    count.append(position + 1 - row_first)
+                taken += end - first
+            else:
+                prefill.append(PrefillRead(row, e.n, e.cache.slots[store][first:end].to(self.device),
+                                           self._prefill_mask(first, e.start, end, window)))
+            row += e.n
+        slots = runs[0] if len(runs) == 1 else torch.cat(runs) if runs else torch.empty(0, dtype=torch.long)
+        return RowKeys(torch.tensor(rows, dtype=torch.long), slots, torch.tensor(begin, dtype=torch.long),
+                       torch.tensor(count, dtype=torch.long), prefill)
 
     def _plan(self, store: int, window: int) -> Reads:
         by_shape: dict[tuple[int, int], list[tuple[int, Entry, int, int | None]]] = {}

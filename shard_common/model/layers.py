@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kv_batch import Group, KVBatch
+from .kv_batch import Group, KVBatch, PrefillRead
 from .linear import make_linear
 from .qtensor import QTensor
 
@@ -79,10 +79,13 @@ def fused_linear(parts: list[QTensor], biases: list[QTensor | None], device, dty
 
 
 class Block(torch.nn.Module):
-    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], device, dtype, dense: bool, index: int):
+    """``native``: the compiled block operations (``native/``), or None for eager torch ops."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], device, dtype, dense: bool, index: int, native=None):
         super().__init__()
         self.config = config
         self.index = index
+        self.native = native
         name = f"blk.{index}"
         self.attn_norm = tensors["attn_norm"].dequantize().to(device)
         self.ffn_norm = tensors["ffn_norm"].dequantize().to(device)
@@ -122,7 +125,6 @@ class Block(torch.nn.Module):
         """q [T, n_heads, hd] (already scaled by 1/sqrt(hd)), k/v [T, n_kv_heads, hd] in the cache's
         dtype; returns [T, q_dim] in the cache's dtype."""
         cfg = self.config
-        hkv, hd, g = cfg.n_kv_heads, cfg.head_dim, self.group
         store, within = batch.store(layer)
         keys_all, values_all = store.k[within], store.v[within]  # [hkv, slots, hd]
         slots = batch.writes(layer)
@@ -135,14 +137,19 @@ class Block(torch.nn.Module):
         for group in reads.groups:
             out.index_copy_(0, group.rows, self._grouped(q.index_select(0, group.rows), keys_all, values_all, group))
         for p in reads.prefill:
-            # Grouped-query attention without repeating K/V: the query heads sharing one KV
-            # head are stacked along the sequence axis, so SDPA sees hkv heads of g*n queries.
-            n = p.n
-            qs = q[p.row:p.row + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
-            o = F.scaled_dot_product_attention(qs, keys_all.index_select(1, p.index), values_all.index_select(1, p.index),
-                                               attn_mask=p.mask, scale=1.0)
-            out[p.row:p.row + n] = o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim)
+            out[p.row:p.row + p.n] = self._prefill(q, keys_all, values_all, p)
         return out
+
+    def _prefill(self, q: torch.Tensor, keys_all: torch.Tensor, values_all: torch.Tensor, p: PrefillRead) -> torch.Tensor:
+        """A long chunk of one session's rows through SDPA: [n, q_dim] in the cache's dtype.
+        Grouped-query attention without repeating K/V: the query heads sharing one KV head are
+        stacked along the sequence axis, so SDPA sees hkv heads of g*n queries."""
+        cfg = self.config
+        hkv, hd, g, n = cfg.n_kv_heads, cfg.head_dim, self.group, p.n
+        qs = q[p.row:p.row + n].view(n, hkv, g, hd).permute(1, 2, 0, 3).reshape(hkv, g * n, hd)
+        o = F.scaled_dot_product_attention(qs, keys_all.index_select(1, p.index), values_all.index_select(1, p.index),
+                                           attn_mask=p.mask, scale=1.0)
+        return o.view(hkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, cfg.q_dim)
 
     def _grouped(self, q: torch.Tensor, keys_all: torch.Tensor, values_all: torch.Tensor, group: Group) -> torch.Tensor:
         """A few rows per session, every session of the group in one gather and one matmul pair:
@@ -163,6 +170,8 @@ class Block(torch.nn.Module):
     def forward(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         """``h`` is the fp32 residual stream [T, d_model]. Only matmul inputs drop to the activation
         dtype: a bf16 residual stream loses enough over 30 blocks to flip near-tied tokens."""
+        if self.native is not None:
+            return self._forward_native(h, layer, cos, sin, batch)
         cfg = self.config
         t = h.shape[0]
         qkv = self.qkv(rms_norm(h, self.attn_norm, cfg.norm_eps, self.act_dtype))
@@ -184,6 +193,35 @@ class Block(torch.nn.Module):
         out = self.down(self.activation(gate) * up)
         if self.post_ffw_norm is not None:
             out = rms_norm(out, self.post_ffw_norm, cfg.norm_eps, torch.float32)
+        return h + out
+
+    def _forward_native(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, batch: KVBatch) -> torch.Tensor:
+        """The same block with the operations between the matmuls in the native kernels: a handful
+        of calls instead of ~150 torch ops. RoPE, the conversions and the residual adds round as
+        the eager path does; the norms' and attention's sums are taken in another order."""
+        cfg, ops = self.config, self.native
+        t = h.shape[0]
+        qkv = self.qkv(ops.rms_norm(h, self.attn_norm, cfg.norm_eps, True))
+        qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+        if self.qk_norm is not None:
+            qk = ops.rms_norm(qk, self.qk_norm, cfg.norm_eps, True)
+        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim)
+        store, within = batch.store(layer)
+        keys_all, values_all = store.k[within], store.v[within]
+        q = ops.rope_to_cache(qk, v, cos, sin, self.scale, cfg.n_heads, keys_all, values_all, batch.writes(layer))
+        reads = batch.row_keys(layer, self.window)
+        out = torch.empty(t, cfg.q_dim, dtype=self.act_dtype)
+        if len(reads.rows):
+            ops.attend(q, keys_all, values_all, reads.rows, reads.slots, reads.begin, reads.count, out)
+        for p in reads.prefill:
+            out[p.row:p.row + p.n] = self._prefill(q, keys_all, values_all, p)
+        attn = self.wo(out)
+        if self.post_attn_norm is not None:
+            attn = ops.rms_norm(attn, self.post_attn_norm, cfg.norm_eps, False)
+        h, x = ops.add_rms_norm(h, attn, self.ffn_norm, cfg.norm_eps)
+        out = self.down(ops.act_mul(self.gate_up(x), cfg.activation == "gelu_tanh"))
+        if self.post_ffw_norm is not None:
+            out = ops.rms_norm(out, self.post_ffw_norm, cfg.norm_eps, False)
         return h + out
 
 

@@ -42,7 +42,8 @@ class Span:
         self.runtime = runtime
         stored = [weights.block(i) for i in range(start, end)]
         self.blocks = [
-            Block(config, tensors, runtime.device, runtime.dtype, runtime.dense, i) for i, tensors in zip(range(start, end), stored)
+            Block(config, tensors, runtime.device, runtime.dtype, runtime.dense, i, runtime.native_ops)
+            for i, tensors in zip(range(start, end), stored)
         ]
         release_after_build(t for tensors in stored for t in tensors.values())
         # One table per RoPE base (Gemma 3's sliding blocks use another base than its global ones).

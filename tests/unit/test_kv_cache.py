@@ -160,3 +160,25 @@ def test_padded_key_widths_bound_the_waste_and_never_shrink():
     widths = [padded_keys(n) for n in range(1, 5000)]
     assert all(n <= w <= max(32, n * 1.25) for n, w in zip(range(1, 5000), widths))
     assert widths == sorted(widths) and len(set(widths)) < 50
+
+
+def test_row_keys_name_exactly_the_positions_each_row_may_see():
+    """What the native kernels read: per row, the slots of its session's positions up to its own,
+    within its window on a sliding-window block; a long chunk goes the prefill way."""
+    from shard_common.model.kv_batch import Entry, KVBatch
+
+    p = ring_pool(window=4)
+    write(p, "a", 0, torch.zeros(10))
+    write(p, "b", 0, torch.zeros(5))
+    entries = [Entry(p.reserve("a", 3), 10, 3), Entry(p.reserve("b", 1), 5, 1), Entry(p.reserve("c", 20), 0, 20)]
+    batch = KVBatch(p, entries, n_kv_heads=1, group=1, device=torch.device("cpu"))
+    a, b = p.sessions["a"], p.sessions["b"]
+    for layer, window in ((0, 0), (1, 4)):
+        keys = batch.row_keys(layer, window)
+        assert keys.rows.tolist() == [0, 1, 2, 3]
+        seen = [keys.slots[begin:begin + count].tolist() for begin, count in zip(keys.begin.tolist(), keys.count.tolist())]
+        store = p.layers[layer][0]
+        expected = [a.slots[store][(max(0, pos - window + 1) if window else 0):pos + 1].tolist() for pos in (10, 11, 12)]
+        expected.append(b.slots[store][(max(0, 5 - window + 1) if window else 0):6].tolist())
+        assert seen == expected
+        assert [(r.row, r.n) for r in keys.prefill] == [(4, 20)]

@@ -24,3 +24,14 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error_and_auto_means_the_cpu():
         Runtime.pick("quant", "cuda")
     assert Runtime.pick("quant", "auto").device.type == "cpu" and Runtime.pick("quant").device.type == "cpu"
     assert not cuda_int4_supported(torch.device("cpu"))
+
+
+def test_native_kernels_are_chosen_only_where_they_apply():
+    with pytest.raises(ValueError, match="native kernels run the quant backend on CPU"):
+        Runtime(backend="dense", kernels="native")
+    with pytest.raises(ValueError, match="--kernels native"):
+        Runtime.pick("dense", "cpu", "native")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Runtime.pick("quant", "cpu", "fast")
+    assert Runtime.pick("quant", "cpu", "eager").kernels == "eager" and Runtime.pick("quant", "cpu", "eager").native_ops is None
+    assert Runtime.pick("dense", "cpu").kernels == "eager"  # auto: the reference path stays eager

@@ -1,0 +1,271 @@
+// The small operations between a transformer block's matmuls, each a pass or two over its data: what
+// costs a decode step on CPU is not arithmetic but the count of tensor ops (each a dispatch, an
+// allocation and often a dtype conversion), about 150 a block in eager torch. The matmuls stay
+// torch's kernels. Every function works per row, so a row's result does not depend on what else
+// is in the batch. bf16 results are rounded to nearest even, as torch rounds them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+// Rows of at most this many values' work run on the calling thread: a decode step's rows are
+// far too small to pay for waking the pool.
+constexpr int64_t kGrain = 1 << 15;
+
+int64_t grain_for(int64_t per_row) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_row, 1)); }
+
+template <typename T>
+inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// The mean of squares per row, by torch's own ops: its summation order is what the eager path's
+// F.rms_norm uses, and a sum taken in any other order moved the small model's greedy answers
+// (one flipped bf16 rounding is enough at a near-tie). ``x`` as fp32 [rows, d] or [rows, g, d].
+at::Tensor mean_square(const at::Tensor& x) { return at::mean(at::pow(x, 2), {-1}, /*keepdim=*/true).contiguous(); }
+
+// x * rsqrt(ms + eps) * weight, rounded where torch rounds: the sum plus eps, its square root
+// and the reciprocal each in fp32, then the two products.
+template <typename In, typename Out>
+inline void norm_row(const In* x, const float* w, Out* y, int64_t d, float ms, double eps) {
+    const float inv = 1.f / std::sqrt(ms + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) y[i] = static_cast<Out>(static_cast<float>(x[i]) * inv * w[i]);
+}
+
+// Sixteen independent partial sums: a fixed order the compiler can keep in vector registers
+// (one running sum could not be vectorised without reordering it).
+inline float dot_product(const float* a, const float* b, int64_t n) {
+    constexpr int kLanes = 16;
+    float part[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= n; c += kLanes)
+        for (int l = 0; l < kLanes; ++l) part[l] += a[c + l] * b[c + l];
+    float sum = 0.f;
+    for (; c < n; ++c) sum += a[c] * b[c];
+    for (int l = 0; l < kLanes; ++l) sum += part[l];
+    return sum;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+    TORCH_CHECK(t.stride(-1) == 1, name, "'s last axis must be contiguous");
+}
+
+// x [rows, d] or [rows, groups, d] (fp32 or bf16); weight [d] or [groups, d] fp32.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool to_bf16) {
+    check_cpu(x, "x");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous(), "weight must be contiguous fp32");
+    TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be 2-D or 3-D");
+    const int64_t d = x.size(-1), groups = x.dim() == 3 ? x.size(1) : 1, rows = x.size(0);
+    TORCH_CHECK(weight.numel() == d || weight.numel() == d * groups, "weight does not match x");
+    const bool per_group = weight.numel() != d;
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const at::Tensor ms = mean_square(xf);
+    const float* msp = ms.data_ptr<float>();
+    auto y = at::empty(x.sizes(), x.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
+    const int64_t row_stride = xf.stride(0), group_stride = xf.dim() == 3 ? xf.stride(1) : 0;
+    const float* w = weight.data_ptr<float>();
+    const float* xs = xf.data_ptr<float>();
+    at::parallel_for(0, rows, grain_for(d * groups), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            for (int64_t g = 0; g < groups; ++g) {
+                const float* row = xs + r * row_stride + g * group_stride;
+                const float* wg = w + (per_group ? g * d : 0);
+                const int64_t at = r * groups + g;
+                if (to_bf16) norm_row(row, wg, y.data_ptr<bf16>() + at * d, d, msp[at], eps);
+                else norm_row(row, wg, y.data_ptr<float>() + at * d, d, msp[at], eps);
+            }
+        }
+    });
+    return y;
+}
+
+// h + y (y fp32 or bf16), and the sum normalised for the next matmul: an add, a norm and a
+// conversion in two passes.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const at::Tensor& y, const at::Tensor& weight, double eps) {
+    check_cpu(h, "h");
+    check_cpu(y, "y");
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && y.dim() == 2 && h.sizes() == y.sizes(), "h must be fp32 [rows, d] like y");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == h.size(1) && weight.is_contiguous(), "weight must be fp32 [d]");
+    const int64_t rows = h.size(0), d = h.size(1);
+    auto sum = at::empty({rows, d}, h.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "add_rms_norm", [&] {
+        const scalar_t* ys = y.data_ptr<scalar_t>();
+        const float* hs = h.data_ptr<float>();
+        at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end; ++r) {
+                float* s = sum.data_ptr<float>() + r * d;
+                const float* hr = hs + r * h.stride(0);
+                const scalar_t* yr = ys + r * y.stride(0);
+                for (int64_t i = 0; i < d; ++i) s[i] = hr[i] + static_cast<float>(yr[i]);
+            }
+        });
+    });
+    const at::Tensor ms = mean_square(sum);
+    auto normed = at::empty({rows, d}, h.options().dtype(at::kBFloat16));
+    const float* w = weight.data_ptr<float>();
+    at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+            norm_row(sum.data_ptr<float>() + r * d, w, normed.data_ptr<bf16>() + r * d, d, ms.data_ptr<float>()[r], eps);
+    });
+    return {sum, normed};
+}
+
+// RoPE on q|k in bf16 (x * cos + roll(x, hd / 2) * sin, each product and the sum rounded to bf16,
+// ``sin`` signed: the same steps as the eager path), then k and v written as fp32 into the
+// cache's slots and q returned as fp32 times ``scale``.
+// qk [T, hq + hkv, hd], v [T, hkv, hd] bf16; cos, sin [T, hd] bf16; keys, values [hkv, slots, hd] fp32.
+at::Tensor rope_to_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin, double scale,
+                         int64_t n_heads, at::Tensor keys, at::Tensor values, const at::Tensor& slots) {
+    for (auto* t : {&qk, &v, &cos, &sin}) check_cpu(*t, "qk, v, cos and sin");
+    TORCH_CHECK(qk.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16
+                && sin.scalar_type() == at::kBFloat16, "qk, v, cos and sin must be bf16");
+    TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous(),
+                "the cache must be contiguous fp32");
+    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+    const int64_t t_rows = qk.size(0), hd = qk.size(2), hkv = v.size(1), hq = n_heads, n_slots = keys.size(1);
+    TORCH_CHECK(qk.size(1) == hq + hkv && v.size(0) == t_rows && v.size(2) == hd && slots.numel() == t_rows, "shapes do not match");
+    TORCH_CHECK(keys.size(0) == hkv && keys.size(2) == hd && values.sizes() == keys.sizes(), "the cache's shape does not match");
+    TORCH_CHECK(cos.size(0) == t_rows && cos.size(-1) == hd && sin.sizes() == cos.sizes() && hd % 2 == 0, "cos/sin do not match");
+    auto q = at::empty({t_rows, hq, hd}, qk.options().dtype(at::kFloat));
+    const int64_t half = hd / 2;
+    const float s = static_cast<float>(scale);
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    for (int64_t t = 0; t < t_rows; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < n_slots, "slot out of range");
+    at::parallel_for(0, t_rows, grain_for((hq + 2 * hkv) * hd), [&](int64_t begin, int64_t end) {
+        std::vector<float> rot(hd);
+        for (int64_t t = begin; t < end; ++t) {
+            const bf16* c = cos.data_ptr<bf16>() + t * cos.stride(0);
+            const bf16* sn = sin.data_ptr<bf16>() + t * sin.stride(0);
+            for (int64_t h = 0; h < hq + hkv; ++h) {
+                const bf16* x = qk.data_ptr<bf16>() + t * qk.stride(0) + h * qk.stride(1);
+                for (int64_t j = 0; j < hd; ++j) {
+                    const bf16 a = static_cast<bf16>(static_cast<float>(x[j]) * static_cast<float>(c[j]));
+                    const bf16 b = static_cast<bf16>(static_cast<float>(x[j < half ? j + half : j - half]) * static_cast<float>(sn[j]));
+                    rot[j] = static_cast<float>(static_cast<bf16>(static_cast<float>(a) + static_cast<float>(b)));
+                }
+                if (h < hq) {
+                    float* out = q.data_ptr<float>() + (t * hq + h) * hd;
+                    for (int64_t j = 0; j < hd; ++j) out[j] = rot[j] * s;
+                } else {
+                    float* out = keys.data_ptr<float>() + ((h - hq) * n_slots + slot[t]) * hd;
+                    std::copy(rot.begin(), rot.end(), out);
+                }
+            }
+            for (int64_t h = 0; h < hkv; ++h) {
+                const bf16* x = v.data_ptr<bf16>() + t * v.stride(0) + h * v.stride(1);
+                float* out = values.data_ptr<float>() + (h * n_slots + slot[t]) * hd;
+                for (int64_t j = 0; j < hd; ++j) out[j] = static_cast<float>(x[j]);
+            }
+        }
+    });
+    return q;
+}
+
+// Attention of the listed rows of q, each over its own keys: row i attends slots
+// key_slots[begin[i] : begin[i] + count[i]] (its session's positions it may see, in order).
+// q [T, hq, hd] fp32 (scaled); keys, values [hkv, slots, hd] fp32; out [T, hq * hd] bf16.
+void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& rows,
+            const at::Tensor& key_slots, const at::Tensor& begin, const at::Tensor& count, at::Tensor out) {
+    TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q must be contiguous fp32 [T, heads, hd]");
+    TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() && values.sizes() == keys.sizes(),
+                "the cache must be contiguous fp32");
+    TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == q.size(0) && out.size(1) == q.size(1) * q.size(2),
+                "out must be contiguous bf16 [T, heads * hd]");
+    for (auto* t : {&rows, &key_slots, &begin, &count})
+        TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "rows, key_slots, begin and count must be contiguous int64");
+    const int64_t n_rows = rows.numel(), hq = q.size(1), hd = q.size(2), hkv = keys.size(0), n_slots = keys.size(1);
+    TORCH_CHECK(keys.size(2) == hd && hq % hkv == 0 && begin.numel() == n_rows && count.numel() == n_rows, "shapes do not match");
+    const int64_t group = hq / hkv;
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* first = begin.data_ptr<int64_t>();
+    const int64_t* n = count.data_ptr<int64_t>();
+    const int64_t* slot = key_slots.data_ptr<int64_t>();
+    int64_t work = 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+        TORCH_CHECK(row[i] >= 0 && row[i] < q.size(0) && n[i] > 0 && first[i] >= 0 && first[i] + n[i] <= key_slots.numel(), "row out of range");
+        for (int64_t j = first[i]; j < first[i] + n[i]; ++j) TORCH_CHECK(slot[j] >= 0 && slot[j] < n_slots, "slot out of range");
+        work += n[i];
+    }
+    const float* qs = q.data_ptr<float>();
+    const float* ks = keys.data_ptr<float>();
+    const float* vs = values.data_ptr<float>();
+    bf16* os = out.data_ptr<bf16>();
+    // One task per (row, KV head): the query heads sharing that KV head read its keys once.
+    const int64_t tasks = n_rows * hkv;
+    const int64_t per_task = std::max<int64_t>(1, work / std::max<int64_t>(n_rows, 1)) * hd * group * 2;
+    at::parallel_for(0, tasks, grain_for(per_task), [&](int64_t b, int64_t e) {
+        std::vector<float> scores, acc(hd);
+        for (int64_t task = b; task < e; ++task) {
+            const int64_t i = task / hkv, kv = task % hkv, m = n[i];
+            const int64_t* sl = slot + first[i];
+            scores.resize(m);
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t head = kv * group + g;
+                const float* qr = qs + (row[i] * hq + head) * hd;
+                float top = -INFINITY;
+                for (int64_t j = 0; j < m; ++j) {
+                    const float dot = dot_product(qr, ks + (kv * n_slots + sl[j]) * hd, hd);
+                    scores[j] = dot;
+                    top = std::max(top, dot);
+                }
+                float total = 0.f;
+                for (int64_t j = 0; j < m; ++j) total += (scores[j] = std::exp(scores[j] - top));
+                std::fill(acc.begin(), acc.end(), 0.f);
+                for (int64_t j = 0; j < m; ++j) {
+                    const float* v = vs + (kv * n_slots + sl[j]) * hd;
+                    const float p = scores[j];
+                    for (int64_t c = 0; c < hd; ++c) acc[c] += p * v[c];
+                }
+                bf16* o = os + row[i] * hq * hd + head * hd;
+                const float inv = 1.f / total;
+                for (int64_t c = 0; c < hd; ++c) o[c] = static_cast<bf16>(acc[c] * inv);
+            }
+        }
+    });
+}
+
+// act(gate) * up for gate|up [T, 2f] bf16 -> [T, f] bf16: the activation rounded to bf16, then
+// the product, as the eager ops round them. SiLU here; tanh-approximated GELU (Gemma) by torch's
+// own op, whose formulation a plain one missed by a bit in 0.4% of values.
+at::Tensor act_mul(const at::Tensor& gate_up, bool gelu) {
+    check_cpu(gate_up, "gate_up");
+    TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be bf16 [T, 2f]");
+    const int64_t rows = gate_up.size(0), f = gate_up.size(1) / 2;
+    const at::Tensor activated = gelu ? at::gelu(gate_up.narrow(1, 0, f), "tanh").contiguous() : at::Tensor();
+    auto y = at::empty({rows, f}, gate_up.options());
+    at::parallel_for(0, rows, grain_for(f), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const bf16* g = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
+            const bf16* u = g + f;
+            bf16* o = y.data_ptr<bf16>() + r * f;
+            if (gelu) {
+                const bf16* a = activated.data_ptr<bf16>() + r * f;
+                for (int64_t i = 0; i < f; ++i) o[i] = static_cast<bf16>(static_cast<float>(a[i]) * static_cast<float>(u[i]));
+                continue;
+            }
+            for (int64_t i = 0; i < f; ++i) {
+                const float x = static_cast<float>(g[i]);
+                const bf16 a = static_cast<bf16>(x / (1.f + std::exp(-x)));
+                o[i] = static_cast<bf16>(static_cast<float>(a) * static_cast<float>(u[i]));
+            }
+        }
+    });
+    return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rms_norm", &rms_norm);
+    m.def("add_rms_norm", &add_rms_norm);
+    m.def("rope_to_cache", &rope_to_cache);
+    m.def("attend", &attend);
+    m.def("act_mul", &act_mul);
+}

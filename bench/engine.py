@@ -1,9 +1,10 @@
-"""Engine speed and memory: our quantized and dense paths, and llama.cpp on the same GGUF if
+"""Engine speed and memory: our quantized path (native CPU kernels between the matmuls where they
+build, and the same with eager torch ops), the dense reference, and llama.cpp on the same GGUF if
 llama-cpp-python is installed. Each backend runs in its own process so memory is its own.
 On ``--device cuda``: the int4 path against plain torch (dequantized weights, bf16 ``F.linear``)
 on the same model, decode at batch 1, 8 and 32, and GPU memory.
 
-    python bench/engine.py [--threads 2] [--new-tokens 128] [--model PATH] [--device cuda --quantize q4_0]
+    python bench/engine.py [--threads 2] [--new-tokens 128] [--rounds 3] [--model PATH] [--device cuda --quantize q4_0]
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
 
     base = rss_mb()
     weights = load_weights(model, quantize=quantize)
-    runtime = Runtime.pick(backend, device)
+    # "quant-eager": the quant backend with eager torch ops between the matmuls (no native kernels).
+    eager = backend.endswith("-eager")
+    runtime = Runtime.pick(backend.removesuffix("-eager"), device, "eager" if eager else "auto")
     span = Span(weights, 0, weights.config.n_layers, runtime)
     ends = ModelEnds(weights, runtime)
     del weights
@@ -87,7 +90,7 @@ def bench_shard(backend: str, new_tokens: int, model: str | None, device: str = 
     verify, singles = min((verify_vs_steps() for _ in range(3)), key=lambda x: x[0])
     profile = [profile_decode(span, ends, prompt[:32], min(new_tokens, 32), b) for b in (1, max(batches))] if profile_ops else None
     return {
-        "backend": f"shard-{backend}", "device": str(runtime.device), "threads": torch.get_num_threads(),
+        "backend": f"shard-{backend}", "kernels": runtime.kernels, "device": str(runtime.device), "threads": torch.get_num_threads(),
         "prefill_tok_s": PROMPT_TOKENS / t_prefill, "decode_b1_tok_s": b1, **batched,
         "verify5_ms": verify * 1000, "five_steps_ms": singles * 1000, "memory_mb": memory, "rss_mb": rss_mb(),
         # KV cache of one session at 4k positions (sliding-window blocks keep a ring, not 4k).
@@ -173,7 +176,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     result = (bench_llama_cpp(args.threads, args.new_tokens, args.model) if args.child == "llama.cpp"
               else bench_shard(args.child, args.new_tokens, args.model, args.device, args.quantize, tuple(args.batches),
-                               args.profile and args.child == "quant"))
+                               args.profile and args.child.startswith("quant")))
     print(json.dumps(result))
 
 
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--name", default="engine", help="results file name under bench/results")
     parser.add_argument("--profile", action="store_true",
                         help="also profile decode of the quant backend at batch 1 and the largest --batches: aten ops per step and the top ops by time")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every backend this many times, alternating, and report each round (this machine's speed drifts)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.batches = args.batches or ([8, 32] if args.device.startswith("cuda") else [8])
@@ -199,7 +204,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         backends = ["quant", "dense-bf16"]  # the int4 kernels vs plain torch on the same shapes
     else:
-        backends = ["quant", "dense"]
+        backends = ["quant", "quant-eager", "dense"]
         try:
             if not path.is_file():
                 raise ImportError("llama.cpp reads GGUF files, not Hugging Face folders")
@@ -209,22 +214,23 @@ def main() -> None:
         except ImportError as e:
             print(f"skipping llama.cpp: {e} (see README)", file=sys.stderr)
     rows = []
-    for b in backends:
+    for round_, b in ((r, b) for r in range(1, args.rounds + 1) for b in backends):
         out = subprocess.run([sys.executable, __file__, "--child", b, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                               "--device", args.device, "--batches", *map(str, args.batches), *(["--profile"] if args.profile else []),
                               *(["--model", args.model] if args.model else []), *(["--quantize", args.quantize] if args.quantize else [])],
                              capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{b} failed:\n{out.stderr[-4000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append({"round": round_, **json.loads(out.stdout.strip().splitlines()[-1])})
     file_mb = (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))) / 2**20
     for r in rows:
         r["memory_vs_file"] = r["memory_mb"] / file_mb
-    ref = next((r for r in rows if r["backend"] in ("llama.cpp", "shard-dense-bf16")), None)
-    if ref:
-        for r in rows:
+    ref = None
+    for r in rows:  # each round against its own reference run
+        ref = next((x for x in rows if x["round"] == r["round"] and x["backend"] in ("llama.cpp", "shard-dense-bf16")), None)
+        if ref:
             r["b1_vs_" + ref["backend"]] = r["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
-    print_table(rows, ["backend", "device", "threads", "prefill_tok_s", "decode_b1_tok_s", *(f"decode_b{b}_tok_s" for b in args.batches),
+    print_table(rows, ["round", "backend", "kernels", "device", "threads", "prefill_tok_s", "decode_b1_tok_s", *(f"decode_b{b}_tok_s" for b in args.batches),
                        "verify5_ms", "five_steps_ms", "memory_mb", "memory_vs_file", "kv_mb_per_session_4k", "gpu_weights_mb", "gpu_peak_mb",
                        *(["b1_vs_" + ref["backend"]] if ref else [])])
     for r in rows:

@@ -200,21 +200,20 @@ class Block(torch.nn.Module):
         of calls instead of ~150 torch ops. RoPE, the conversions and the residual adds round as
         the eager path does; the norms' and attention's sums are taken in another order."""
         cfg, ops = self.config, self.native
-        t = h.shape[0]
         qkv = self.qkv(ops.rms_norm(h, self.attn_norm, cfg.norm_eps, True))
-        qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+        qk_normed = None
         if self.qk_norm is not None:
-            qk = ops.rms_norm(qk, self.qk_norm, cfg.norm_eps, True)
-        v = qkv[:, cfg.q_dim + cfg.kv_dim:].view(t, cfg.n_kv_heads, cfg.head_dim)
+            qk = qkv[:, : cfg.q_dim + cfg.kv_dim].view(h.shape[0], cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+            qk_normed = ops.rms_norm(qk, self.qk_norm, cfg.norm_eps, True)
         store, within = batch.store(layer)
-        keys_all, values_all = store.k[within], store.v[within]
-        q = ops.rope_to_cache(qk, v, cos, sin, self.scale, cfg.n_heads, keys_all, values_all, batch.writes(layer))
+        q = ops.rope_to_cache(qkv, qk_normed, cos, sin, self.scale, cfg.n_heads, cfg.n_kv_heads, store.k, store.v, within,
+                              batch.writes(layer))
         reads = batch.row_keys(layer, self.window)
-        out = torch.empty(t, cfg.q_dim, dtype=self.act_dtype)
-        if len(reads.rows):
-            ops.attend(q, keys_all, values_all, reads.rows, reads.slots, reads.begin, reads.count, out)
-        for p in reads.prefill:
-            out[p.row:p.row + p.n] = self._prefill(q, keys_all, values_all, p)
+        out = ops.attend(q, store.k, store.v, within, reads.rows, reads.slots, reads.begin, reads.count)
+        if reads.prefill:
+            keys_all, values_all = store.k[within], store.v[within]
+            for p in reads.prefill:
+                out[p.row:p.row + p.n] = self._prefill(q, keys_all, values_all, p)
         attn = self.wo(out)
         if self.post_attn_norm is not None:
             attn = ops.rms_norm(attn, self.post_attn_norm, cfg.norm_eps, False)

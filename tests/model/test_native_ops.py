@@ -60,9 +60,11 @@ def test_rope_writes_the_eager_keys_and_values_into_the_cache_slots(ops):
     cos, sin = table.lookup(torch.tensor([5, 17, 300]), 301)
     qkv = torch.randn(t, (hq + 2 * hkv) * hd).bfloat16()
     qk, v = qkv[:, : (hq + hkv) * hd].view(t, hq + hkv, hd), qkv[:, (hq + hkv) * hd:].view(t, hkv, hd)
-    keys, values = torch.zeros(hkv, 64, hd), torch.zeros(hkv, 64, hd)
+    stores = torch.zeros(2, 2, hkv, 64, hd)  # keys and values of two layers
     slots = torch.tensor([3, 9, 40])
-    q = ops.rope_to_cache(qk, v, cos, sin, 0.125, hq, keys, values, slots)
+    q = ops.rope_to_cache(qkv, None, cos, sin, 0.125, hq, hkv, stores[0], stores[1], 1, slots)
+    keys, values = stores[0, 1], stores[1, 1]
+    assert stores[:, 0].abs().sum() == 0  # the other layer untouched
     rotated = apply_rope(qk, cos, sin).float()
     assert torch.equal(q, rotated[:, :hq] * 0.125)
     assert torch.equal(keys[:, slots].transpose(0, 1), rotated[:, hq:])
@@ -87,23 +89,27 @@ def test_attention_rows_see_exactly_their_own_keys(ops):
     q = torch.randn(4, hq, hd) * 0.3
     slots = torch.tensor([1, 2, 3, 7, 8, 10, 11, 30, 31])
     rows, begin, count = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 7]), torch.tensor([5, 4, 2])
-    out = torch.full((4, hq * hd), 7.0, dtype=torch.bfloat16)
-    ops.attend(q, keys, values, rows, slots, begin, count, out)
+    out = ops.attend(q, keys[None], values[None], 0, rows, slots, begin, count)
     for r, b, c in zip(rows.tolist(), begin.tolist(), count.tolist()):
         seen = slots[b:b + c]
         expected = torch.cat([torch.softmax(q[r, h] @ keys[h // 3, seen].T, -1) @ values[h // 3, seen] for h in range(hq)])
         assert (out[r].float() - expected).abs().max() < 1e-2  # bf16 output
-    assert (out[2] == 7.0).all()  # a row not listed is left alone
 
 
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(ops):
-    keys = values = torch.zeros(3, 16, 64)
-    q, out = torch.zeros(1, 9, 64), torch.empty(1, 9 * 64, dtype=torch.bfloat16)
+    keys = values = torch.zeros(1, 3, 16, 64)
+    q = torch.zeros(1, 9, 64)
     one = torch.tensor([0])
     with pytest.raises(RuntimeError, match="slot out of range"):
-        ops.attend(q, keys, values, one, torch.tensor([16]), one, torch.tensor([1]), out)
+        ops.attend(q, keys, values, 0, one, torch.tensor([16]), one, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="row out of range"):
-        ops.attend(q, keys, values, torch.tensor([1]), torch.tensor([0]), one, torch.tensor([1]), out)
+        ops.attend(q, keys, values, 0, torch.tensor([1]), torch.tensor([0]), one, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="shape does not match"):
+        ops.attend(q, keys, values, 1, one, torch.tensor([0]), one, torch.tensor([1]))
+    qkv = torch.zeros(1, 15 * 64, dtype=torch.bfloat16)
+    cos = torch.zeros(1, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.rope_to_cache(qkv, None, cos, cos, 1.0, 9, 3, keys, values, 0, torch.tensor([99]))
     with pytest.raises(RuntimeError, match="bf16"):
         ops.act_mul(torch.zeros(1, 8), False)
 

@@ -24,7 +24,11 @@ SOURCE = Path(__file__).with_name("block_ops.cpp")
 NAME = "shard_block_ops"
 # No contraction of a * b + c into one fused multiply-add: torch rounds the product first, and the
 # kernels that follow its rounding must too.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+# at::parallel_for is OpenMP in a header: without -fopenmp it runs serially. The library it links
+# has torch's own libgomp's soname, so the loader hands it the runtime torch already loaded: one
+# thread pool, sized by torch.set_num_threads.
+LINK_FLAGS = ["-fopenmp"]
 
 _loaded: ModuleType | None = None
 _failure: str | None = None
@@ -79,7 +83,7 @@ def load() -> ModuleType:
     started = time.monotonic()
     log.info("loading the native CPU kernels (built once on this machine, ~25 s; then cached)")
     try:
-        _loaded = build(NAME, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_directory()), verbose=False)
+        _loaded = build(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, build_directory=str(build_directory()), verbose=False)
     except Exception as exc:  # a compiler error, a missing header: the eager path still works
         _failure = f"building the native CPU kernels failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
         raise NativeUnavailable(_failure) from exc

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -22,8 +24,41 @@ constexpr int64_t kGrain = 1 << 15;
 
 int64_t grain_for(int64_t per_row) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(per_row, 1)); }
 
-template <typename T>
-inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+// bf16 <-> fp32 as plain bit operations (round to nearest even, NaN kept quiet), so that loops over
+// them vectorise; c10's conversions give the same bits one value at a time.
+inline float bf16_to_float(uint16_t b) {
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// e^x for x <= 0 (softmax after subtracting the row's maximum): a degree-6 polynomial on
+// [-ln2/2, ln2/2] times a power of two, about 2 ulp, written so the compiler vectorises a loop of
+// it (the C library's expf is one call per value). Below -87 it is 0.
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
 
 // The mean of squares per row, by torch's own ops: its summation order is what the eager path's
 // F.rms_norm uses, and a sum taken in any other order moved the small model's greedy answers
@@ -46,9 +81,10 @@ inline float dot_product(const float* a, const float* b, int64_t n) {
     int64_t c = 0;
     for (; c + kLanes <= n; c += kLanes)
         for (int l = 0; l < kLanes; ++l) part[l] += a[c + l] * b[c + l];
-    float sum = 0.f;
+    for (int width = kLanes / 2; width > 0; width /= 2)  // a tree: four dependent adds, not sixteen
+        for (int l = 0; l < width; ++l) part[l] += part[l + width];
+    float sum = part[0];
     for (; c < n; ++c) sum += a[c] * b[c];
-    for (int l = 0; l < kLanes; ++l) sum += part[l];
     return sum;
 }
 
@@ -117,23 +153,44 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const at::T
     return {sum, normed};
 }
 
+// The fp32 [n_kv_heads, slots, hd] cache of block ``layer`` within a store [layers, n_kv_heads, slots, hd]
+// (an offset, not a tensor op: a decode step does this twice per block).
+float* layer_of(at::Tensor& store, int64_t layer, int64_t hkv, int64_t hd) {
+    TORCH_CHECK(store.scalar_type() == at::kFloat && store.is_contiguous() && store.dim() == 4, "the cache must be contiguous fp32 [layers, heads, slots, hd]");
+    TORCH_CHECK(layer >= 0 && layer < store.size(0) && store.size(1) == hkv && store.size(3) == hd, "the cache's shape does not match");
+    return store.data_ptr<float>() + layer * store.stride(0);
+}
+
 // RoPE on q|k in bf16 (x * cos + roll(x, hd / 2) * sin, each product and the sum rounded to bf16,
 // ``sin`` signed: the same steps as the eager path), then k and v written as fp32 into the
 // cache's slots and q returned as fp32 times ``scale``.
-// qk [T, hq + hkv, hd], v [T, hkv, hd] bf16; cos, sin [T, hd] bf16; keys, values [hkv, slots, hd] fp32.
-at::Tensor rope_to_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin, double scale,
-                         int64_t n_heads, at::Tensor keys, at::Tensor values, const at::Tensor& slots) {
-    for (auto* t : {&qk, &v, &cos, &sin}) check_cpu(*t, "qk, v, cos and sin");
-    TORCH_CHECK(qk.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16
-                && sin.scalar_type() == at::kBFloat16, "qk, v, cos and sin must be bf16");
-    TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous(),
-                "the cache must be contiguous fp32");
+// qkv [T, (hq + 2 hkv) hd] bf16, the projection's output; qk_normed: its q|k heads normalised
+// ([T, hq + hkv, hd], Qwen 3 / Gemma 3) or None; cos, sin [T, 1, hd] bf16; keys, values: stores.
+at::Tensor rope_to_cache(const at::Tensor& qkv, const c10::optional<at::Tensor>& qk_normed, const at::Tensor& cos,
+                         const at::Tensor& sin, double scale, int64_t hq, int64_t hkv, at::Tensor keys, at::Tensor values,
+                         int64_t layer, const at::Tensor& slots) {
+    for (auto* t : {&qkv, &cos, &sin}) check_cpu(*t, "qkv, cos and sin");
+    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
+                "qkv, cos and sin must be bf16");
     TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
-    const int64_t t_rows = qk.size(0), hd = qk.size(2), hkv = v.size(1), hq = n_heads, n_slots = keys.size(1);
-    TORCH_CHECK(qk.size(1) == hq + hkv && v.size(0) == t_rows && v.size(2) == hd && slots.numel() == t_rows, "shapes do not match");
-    TORCH_CHECK(keys.size(0) == hkv && keys.size(2) == hd && values.sizes() == keys.sizes(), "the cache's shape does not match");
-    TORCH_CHECK(cos.size(0) == t_rows && cos.size(-1) == hd && sin.sizes() == cos.sizes() && hd % 2 == 0, "cos/sin do not match");
-    auto q = at::empty({t_rows, hq, hd}, qk.options().dtype(at::kFloat));
+    const int64_t t_rows = qkv.size(0), hd = keys.size(-1), n_slots = keys.size(2);
+    TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (hq + 2 * hkv) * hd && slots.numel() == t_rows, "shapes do not match");
+    TORCH_CHECK(cos.size(0) == t_rows && cos.size(-1) == hd && sin.sizes() == cos.sizes() && cos.stride(-1) == 1 && sin.stride(-1) == 1
+                && hd % 2 == 0, "cos/sin do not match");
+    float* k_cache = layer_of(keys, layer, hkv, hd);
+    float* v_cache = layer_of(values, layer, hkv, hd);
+    TORCH_CHECK(values.sizes() == keys.sizes(), "keys and values differ in shape");
+    const bf16* qk = qkv.data_ptr<bf16>();
+    int64_t qk_row = qkv.stride(0);
+    if (qk_normed.has_value()) {
+        const at::Tensor& normed = *qk_normed;
+        TORCH_CHECK(normed.scalar_type() == at::kBFloat16 && normed.is_contiguous() && normed.numel() == t_rows * (hq + hkv) * hd,
+                    "qk_normed must be contiguous bf16 [T, hq + hkv, hd]");
+        qk = normed.data_ptr<bf16>();
+        qk_row = (hq + hkv) * hd;
+    }
+    const bf16* v = qkv.data_ptr<bf16>() + (hq + hkv) * hd;
+    auto q = at::empty({t_rows, hq, hd}, qkv.options().dtype(at::kFloat));
     const int64_t half = hd / 2;
     const float s = static_cast<float>(scale);
     const int64_t* slot = slots.data_ptr<int64_t>();
@@ -144,7 +201,7 @@ at::Tensor rope_to_cache(const at::Tensor& qk, const at::Tensor& v, const at::Te
             const bf16* c = cos.data_ptr<bf16>() + t * cos.stride(0);
             const bf16* sn = sin.data_ptr<bf16>() + t * sin.stride(0);
             for (int64_t h = 0; h < hq + hkv; ++h) {
-                const bf16* x = qk.data_ptr<bf16>() + t * qk.stride(0) + h * qk.stride(1);
+                const bf16* x = qk + t * qk_row + h * hd;
                 for (int64_t j = 0; j < hd; ++j) {
                     const bf16 a = static_cast<bf16>(static_cast<float>(x[j]) * static_cast<float>(c[j]));
                     const bf16 b = static_cast<bf16>(static_cast<float>(x[j < half ? j + half : j - half]) * static_cast<float>(sn[j]));
@@ -154,13 +211,12 @@ at::Tensor rope_to_cache(const at::Tensor& qk, const at::Tensor& v, const at::Te
                     float* out = q.data_ptr<float>() + (t * hq + h) * hd;
                     for (int64_t j = 0; j < hd; ++j) out[j] = rot[j] * s;
                 } else {
-                    float* out = keys.data_ptr<float>() + ((h - hq) * n_slots + slot[t]) * hd;
-                    std::copy(rot.begin(), rot.end(), out);
+                    std::copy(rot.begin(), rot.end(), k_cache + ((h - hq) * n_slots + slot[t]) * hd);
                 }
             }
             for (int64_t h = 0; h < hkv; ++h) {
-                const bf16* x = v.data_ptr<bf16>() + t * v.stride(0) + h * v.stride(1);
-                float* out = values.data_ptr<float>() + (h * n_slots + slot[t]) * hd;
+                const bf16* x = v + t * qkv.stride(0) + h * hd;
+                float* out = v_cache + (h * n_slots + slot[t]) * hd;
                 for (int64_t j = 0; j < hd; ++j) out[j] = static_cast<float>(x[j]);
             }
         }
@@ -170,18 +226,19 @@ at::Tensor rope_to_cache(const at::Tensor& qk, const at::Tensor& v, const at::Te
 
 // Attention of the listed rows of q, each over its own keys: row i attends slots
 // key_slots[begin[i] : begin[i] + count[i]] (its session's positions it may see, in order).
-// q [T, hq, hd] fp32 (scaled); keys, values [hkv, slots, hd] fp32; out [T, hq * hd] bf16.
-void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& rows,
-            const at::Tensor& key_slots, const at::Tensor& begin, const at::Tensor& count, at::Tensor out) {
+// q [T, hq, hd] fp32 (scaled); keys, values: stores; returns [T, hq * hd] bf16 (rows not listed
+// are left for the caller to fill).
+at::Tensor attend(const at::Tensor& q, at::Tensor keys, at::Tensor values, int64_t layer, const at::Tensor& rows,
+                  const at::Tensor& key_slots, const at::Tensor& begin, const at::Tensor& count) {
     TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q must be contiguous fp32 [T, heads, hd]");
-    TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() && values.sizes() == keys.sizes(),
-                "the cache must be contiguous fp32");
-    TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == q.size(0) && out.size(1) == q.size(1) * q.size(2),
-                "out must be contiguous bf16 [T, heads * hd]");
+    TORCH_CHECK(values.sizes() == keys.sizes() && keys.dim() == 4, "keys and values differ in shape");
     for (auto* t : {&rows, &key_slots, &begin, &count})
         TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "rows, key_slots, begin and count must be contiguous int64");
-    const int64_t n_rows = rows.numel(), hq = q.size(1), hd = q.size(2), hkv = keys.size(0), n_slots = keys.size(1);
-    TORCH_CHECK(keys.size(2) == hd && hq % hkv == 0 && begin.numel() == n_rows && count.numel() == n_rows, "shapes do not match");
+    const int64_t n_rows = rows.numel(), hq = q.size(1), hd = q.size(2), hkv = keys.size(1), n_slots = keys.size(2);
+    TORCH_CHECK(keys.size(3) == hd && hq % hkv == 0 && begin.numel() == n_rows && count.numel() == n_rows, "shapes do not match");
+    const float* ks = layer_of(keys, layer, hkv, hd);
+    const float* vs = layer_of(values, layer, hkv, hd);
+    auto out = at::empty({q.size(0), hq * hd}, q.options().dtype(at::kBFloat16));
     const int64_t group = hq / hkv;
     const int64_t* row = rows.data_ptr<int64_t>();
     const int64_t* first = begin.data_ptr<int64_t>();
@@ -194,67 +251,64 @@ void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
         work += n[i];
     }
     const float* qs = q.data_ptr<float>();
-    const float* ks = keys.data_ptr<float>();
-    const float* vs = values.data_ptr<float>();
-    bf16* os = out.data_ptr<bf16>();
+    uint16_t* os = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     // One task per (row, KV head): the query heads sharing that KV head read its keys once.
     const int64_t tasks = n_rows * hkv;
     const int64_t per_task = std::max<int64_t>(1, work / std::max<int64_t>(n_rows, 1)) * hd * group * 2;
     at::parallel_for(0, tasks, grain_for(per_task), [&](int64_t b, int64_t e) {
-        std::vector<float> scores, acc(hd);
+        std::vector<float> probs, acc(group * hd);
         for (int64_t task = b; task < e; ++task) {
             const int64_t i = task / hkv, kv = task % hkv, m = n[i];
             const int64_t* sl = slot + first[i];
-            scores.resize(m);
-            for (int64_t g = 0; g < group; ++g) {
-                const int64_t head = kv * group + g;
-                const float* qr = qs + (row[i] * hq + head) * hd;
-                float top = -INFINITY;
-                for (int64_t j = 0; j < m; ++j) {
-                    const float dot = dot_product(qr, ks + (kv * n_slots + sl[j]) * hd, hd);
-                    scores[j] = dot;
-                    top = std::max(top, dot);
-                }
-                float total = 0.f;
-                for (int64_t j = 0; j < m; ++j) total += (scores[j] = std::exp(scores[j] - top));
-                std::fill(acc.begin(), acc.end(), 0.f);
-                for (int64_t j = 0; j < m; ++j) {
-                    const float* v = vs + (kv * n_slots + sl[j]) * hd;
-                    const float p = scores[j];
-                    for (int64_t c = 0; c < hd; ++c) acc[c] += p * v[c];
-                }
-                bf16* o = os + row[i] * hq * hd + head * hd;
-                const float inv = 1.f / total;
-                for (int64_t c = 0; c < hd; ++c) o[c] = static_cast<bf16>(acc[c] * inv);
+            const float* qr = qs + (row[i] * hq + kv * group) * hd;  // the group's heads, consecutive
+            probs.resize(group * m);  // [group, m]
+            for (int64_t j = 0; j < m; ++j) {
+                const float* k = ks + (kv * n_slots + sl[j]) * hd;
+                for (int64_t g = 0; g < group; ++g) probs[g * m + j] = dot_product(qr + g * hd, k, hd);
             }
+            for (int64_t g = 0; g < group; ++g) {
+                float* p = probs.data() + g * m;
+                float top = -INFINITY;
+                for (int64_t j = 0; j < m; ++j) top = std::max(top, p[j]);
+                float total = 0.f;
+                for (int64_t j = 0; j < m; ++j) p[j] = exp_nonpositive(p[j] - top);
+                for (int64_t j = 0; j < m; ++j) total += p[j];
+                const float inv = 1.f / total;
+                for (int64_t j = 0; j < m; ++j) p[j] *= inv;
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t j = 0; j < m; ++j) {
+                const float* v = vs + (kv * n_slots + sl[j]) * hd;
+                for (int64_t g = 0; g < group; ++g) {
+                    const float w = probs[g * m + j];
+                    float* a = acc.data() + g * hd;
+                    for (int64_t c = 0; c < hd; ++c) a[c] += w * v[c];
+                }
+            }
+            uint16_t* o = os + (row[i] * hq + kv * group) * hd;
+            for (int64_t c = 0; c < group * hd; ++c) o[c] = float_to_bf16(acc[c]);
         }
     });
+    return out;
 }
 
-// act(gate) * up for gate|up [T, 2f] bf16 -> [T, f] bf16: the activation rounded to bf16, then
-// the product, as the eager ops round them. SiLU here; tanh-approximated GELU (Gemma) by torch's
-// own op, whose formulation a plain one missed by a bit in 0.4% of values.
+// act(gate) * up for gate|up [T, 2f] bf16 -> [T, f] bf16: the activation by torch's own op (SiLU,
+// or Gemma's tanh GELU) rounded to bf16, then the product rounded, as the eager ops round them.
+// Only the product is ours: a plain GELU formula missed torch's bits in 0.4% of values, and the
+// C library's expf is a call per value where torch's is vectorised.
 at::Tensor act_mul(const at::Tensor& gate_up, bool gelu) {
     check_cpu(gate_up, "gate_up");
     TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be bf16 [T, 2f]");
     const int64_t rows = gate_up.size(0), f = gate_up.size(1) / 2;
-    const at::Tensor activated = gelu ? at::gelu(gate_up.narrow(1, 0, f), "tanh").contiguous() : at::Tensor();
+    const at::Tensor gate = gate_up.narrow(1, 0, f);
+    const at::Tensor activated = (gelu ? at::gelu(gate, "tanh") : at::silu(gate)).contiguous();
     auto y = at::empty({rows, f}, gate_up.options());
     at::parallel_for(0, rows, grain_for(f), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-            const bf16* g = gate_up.data_ptr<bf16>() + r * gate_up.stride(0);
-            const bf16* u = g + f;
-            bf16* o = y.data_ptr<bf16>() + r * f;
-            if (gelu) {
-                const bf16* a = activated.data_ptr<bf16>() + r * f;
-                for (int64_t i = 0; i < f; ++i) o[i] = static_cast<bf16>(static_cast<float>(a[i]) * static_cast<float>(u[i]));
-                continue;
-            }
-            for (int64_t i = 0; i < f; ++i) {
-                const float x = static_cast<float>(g[i]);
-                const bf16 a = static_cast<bf16>(x / (1.f + std::exp(-x)));
-                o[i] = static_cast<bf16>(static_cast<float>(a) * static_cast<float>(u[i]));
-            }
+            const uint16_t* a = reinterpret_cast<const uint16_t*>(activated.data_ptr<at::BFloat16>()) + r * f;
+            const uint16_t* u = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>()) + r * gate_up.stride(0) + f;
+            uint16_t* o = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + r * f;
+            for (int64_t i = 0; i < f; ++i) o[i] = float_to_bf16(bf16_to_float(a[i]) * bf16_to_float(u[i]));
         }
     });
     return y;

@@ -50,8 +50,8 @@ def tokenizer(weights):
     return Tokenizer(weights.tokenizer)
 
 
-def _build(weights, backend, device):
-    runtime = Runtime.pick(backend, device)
+def _build(weights, backend, device, kernels="auto"):
+    runtime = Runtime.pick(backend, device, kernels)
     span = Span(weights, 0, weights.config.n_layers, runtime)
     return runtime, span, ModelEnds(weights, runtime)
 
@@ -59,6 +59,12 @@ def _build(weights, backend, device):
 @pytest.fixture(scope="session")
 def quant_parts(weights, device):
     return _build(weights, "quant", device)
+
+
+@pytest.fixture(scope="session")
+def eager_parts(weights, device):
+    """The quant backend with eager torch ops between the matmuls (what runs without a compiler)."""
+    return _build(weights, "quant", device, "eager")
 
 
 @pytest.fixture(scope="session")

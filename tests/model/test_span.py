@@ -116,10 +116,11 @@ def test_budget_error_when_cache_is_full(weights, quant_parts):
         tiny.forward(ends.embed([1, 2]), [SpanRequest("x", 0, 2)])
 
 
-def test_a_decoding_session_is_bit_identical_alone_and_batched(quant_parts, tokenizer):
+@pytest.mark.parametrize("parts", ["quant_parts", "eager_parts"])  # native kernels where they build, and eager
+def test_a_decoding_session_is_bit_identical_alone_and_batched(parts, request, tokenizer):
     """Decode rows of every session attend in one batched call: a session's output must not
     depend on who else is in the batch (other lengths, a prefill beside it, its position in it)."""
-    _, span, ends = quant_parts
+    _, span, ends = request.getfixturevalue(parts)
     ids = tokenizer.encode("One session alone, then the same session among others of other lengths.")
     alone, batched = new_session(), new_session()
     others = [(new_session(), n) for n in (3, 40, 90)]
@@ -148,10 +149,11 @@ def test_a_decoding_session_is_bit_identical_alone_and_batched(quant_parts, toke
     assert span.kv.sessions == {} and span.kv.used_bytes == 0
 
 
-def test_a_verifying_session_is_bit_identical_alone_and_batched(quant_parts, tokenizer):
+@pytest.mark.parametrize("parts", ["quant_parts", "eager_parts"])  # native kernels where they build, and eager
+def test_a_verifying_session_is_bit_identical_alone_and_batched(parts, request, tokenizer):
     """Verifying a draft (a few rows of one session) goes through the same grouped attention:
     its rows must not depend on other sessions verifying or decoding beside it."""
-    _, span, ends = quant_parts
+    _, span, ends = request.getfixturevalue(parts)
     ids = tokenizer.encode("A draft of three tokens, checked alone and then among other sessions.")
     alone, batched, other, decoding = (new_session() for _ in range(4))
     for s, n in ((alone, len(ids)), (batched, len(ids)), (other, 20), (decoding, 50)):

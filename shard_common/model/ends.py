@@ -19,7 +19,10 @@ class ModelEnds:
         # The embedding stays in stored form; a step only dequantizes the rows it looks up.
         self.embedding = tensors["token_embd"]
         self.norm = tensors["output_norm"].dequantize().to(runtime.device)
-        self.head = make_linear(tensors["output"], None, runtime.device, runtime.dtype, runtime.dense, "output")
+        # The native int8 matmul (batched rows read the head's weights once) where the native
+        # kernels run; the blocks' own Q8_0 weights stay on torch's kernel, as on the eager path.
+        self.head = make_linear(tensors["output"], None, runtime.device, runtime.dtype, runtime.dense, "output",
+                                native=runtime.native_ops)
         release_after_build(tensors.values())
 
     @torch.inference_mode()

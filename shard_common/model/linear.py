@@ -100,18 +100,27 @@ class Int4Linear(torch.nn.Module):
 
 
 class Int8Linear(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """``native``: the native CPU kernels (``native/``), whose int8 matmul reads each weight once
+    for all rows (torch's reloads them per row); the weight is then kept in its packed layout."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, native=None):
         super().__init__()
-        self.weight = weight
+        self.out_features = weight.shape[0]
+        self.native = native
+        self.weight = native.pack_int8(weight) if native is not None else weight
         self.scales = scales
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        rows = x.reshape(-1, shape[-1])
+        if self.native is not None:
+            y = self.native.int8_matmul(rows, self.weight, self.scales, self.out_features)
+        else:
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.weight.shape[0])
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 def warn_once(key, message: str, *args) -> None:
@@ -139,8 +148,10 @@ def make_linear(
     act_dtype: torch.dtype,
     dense: bool = False,
     name: str = "",
+    native=None,
 ) -> torch.nn.Module:
-    """Build the layer for ``weight`` ([out, in]). ``dense`` forces the reference dense path."""
+    """Build the layer for ``weight`` ([out, in]). ``dense`` forces the reference dense path.
+    ``native``: the native CPU kernels, for an int8 layer (the LM head passes them)."""
     b = bias.dequantize().to(device=device, dtype=act_dtype) if bias is not None else None
     on_cpu = device.type == "cpu"
     quant_ok = not dense and act_dtype == torch.bfloat16
@@ -160,6 +171,6 @@ def make_linear(
         warn_once(("q8-cuda", str(device)), "Q8_0 weights run dense in bf16 on %s (torch has no CUDA int8 weight-only kernel)", device)
     if quant_ok and on_cpu and weight.qtype == QT.Q8_0:
         q, scale = quantize_rows_int8(weight.dequantize())
-        return Int8Linear(q, scale.to(act_dtype), b)
+        return Int8Linear(q, scale.to(act_dtype), b, native)
     warn_if_emulated(weight.qtype, name)
     return DenseLinear(weight.dequantize().to(device=device, dtype=act_dtype), b)

@@ -105,6 +105,24 @@ def test_attention_rows_see_exactly_their_own_keys(ops):
         assert (out[r].float() - expected).abs().max() < 1e-2  # bf16 output
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_int8_matmul_matches_torchs_int8_kernel_row_by_row(ops, rows):
+    """The LM head's kernel: torch's arithmetic (fp32 sums, times the row's scale, bf16) in another
+    summation order, a row's result independent of the others (N not a multiple of a tile)."""
+    torch.manual_seed(rows)
+    weight = torch.randint(-127, 128, (1000, 576), dtype=torch.int8)
+    scales = (torch.rand(1000) / 100).bfloat16()
+    x = torch.randn(rows, 576).bfloat16()
+    packed = ops.pack_int8(weight)
+    ours = ops.int8_matmul(x, packed, scales, 1000)
+    theirs = torch._weight_int8pack_mm(x, weight, scales)
+    assert ours.shape == (rows, 1000) and ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), theirs.float(), rtol=2 ** -7, atol=1e-3)
+    assert (ours != theirs).float().mean() < 0.01
+    for r in range(rows):
+        assert torch.equal(ops.int8_matmul(x[r:r + 1], packed, scales, 1000), ours[r:r + 1])
+
+
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(ops):
     keys = values = torch.zeros(1, 3, 16, 64)
     q = torch.zeros(1, 9, 64)
@@ -121,6 +139,9 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds(ops):
         ops.rope_to_cache(qkv, None, cos, cos, 1.0, 9, 3, keys, values, 0, torch.tensor([99]))
     with pytest.raises(RuntimeError, match="bf16"):
         ops.act_mul(torch.zeros(1, 8), False)
+    with pytest.raises(RuntimeError, match="packed"):
+        ops.int8_matmul(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(2, 32, 16, dtype=torch.int8),
+                        torch.zeros(32, dtype=torch.bfloat16), 32)
 
 
 def spans(weights):

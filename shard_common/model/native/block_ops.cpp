@@ -5,6 +5,9 @@
 // is in the batch. bf16 results are rounded to nearest even, as torch rounds them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -314,6 +317,83 @@ at::Tensor act_mul(const at::Tensor& gate_up, bool gelu) {
     return y;
 }
 
+constexpr int64_t kTile = 16;  // output columns per tile: one vector of fp32 lanes
+constexpr int64_t kRowBlock = 4;  // input rows sharing one conversion of a tile's weights
+
+// An int8 weight [N, K] laid out for ``int8_matmul``: tiles of 16 rows, column by column
+// ([N / 16, K, 16]), so one contiguous load holds the weights of 16 outputs for one input value.
+// N is padded with zero rows to a multiple of 16.
+at::Tensor pack_int8(const at::Tensor& weight) {
+    TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2, "weight must be int8 [N, K]");
+    const int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kTile - 1) / kTile;
+    auto padded = at::zeros({tiles * kTile, k}, weight.options());
+    padded.narrow(0, 0, n).copy_(weight);
+    return padded.view({tiles, kTile, k}).transpose(1, 2).contiguous();
+}
+
+// acc[r][l] = sum over c of x[r][c] * w[c][l], for four input rows and one packed tile: the four
+// sums of 16 lanes stay in vector registers, and each tile column is converted once for the four.
+inline void tile_dot(const int8_t* wt, const float* const* x, int64_t k, float (*acc)[kTile]) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; ++c) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt + c * kTile))));
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(x[0][c]), wv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(x[1][c]), wv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(x[2][c]), wv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(x[3][c]), wv, a3);
+    }
+    _mm512_storeu_ps(acc[0], a0);
+    _mm512_storeu_ps(acc[1], a1);
+    _mm512_storeu_ps(acc[2], a2);
+    _mm512_storeu_ps(acc[3], a3);
+#else
+    for (int64_t r = 0; r < kRowBlock; ++r)
+        for (int64_t l = 0; l < kTile; ++l) acc[r][l] = 0.f;
+    for (int64_t c = 0; c < k; ++c)
+        for (int64_t r = 0; r < kRowBlock; ++r)
+            for (int64_t l = 0; l < kTile; ++l) acc[r][l] += x[r][c] * static_cast<float>(wt[c * kTile + l]);
+#endif
+}
+
+// x [M, K] bf16 times a packed int8 weight with one bf16 scale per row: the product summed in
+// fp32, times the scale, rounded to bf16, like torch's _weight_int8pack_mm, but each tile of
+// weights is read once for all M rows (torch's kernel reloads the weights per row, which made the
+// LM head, 49152 x 576 for SmolLM2, a quarter of a 16-session step). Returns [M, n].
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+    check_cpu(x, "x");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [M, K]");
+    const int64_t m = x.size(0), k = x.size(1), tiles = (n + kTile - 1) / kTile;
+    TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == tiles
+                && packed.size(1) == k && packed.size(2) == kTile, "weight must be packed by pack_int8 for this input width");
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == n, "scales must be bf16 [N]");
+    std::vector<float> xf(m * k);
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < k; ++c) xf[r * k + c] = bf16_to_float(xs[r * x.stride(0) + c]);
+    auto y = at::empty({m, n}, x.options());
+    const int8_t* w = packed.data_ptr<int8_t>();
+    const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    const std::vector<float> zeros(k, 0.f);  // the rows past M in a block of four
+    at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int8_t* wt = w + t * k * kTile;
+            for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+                const int64_t rows = std::min(kRowBlock, m - r0);
+                const float* xr[kRowBlock];
+                for (int64_t rr = 0; rr < kRowBlock; ++rr) xr[rr] = rr < rows ? xf.data() + (r0 + rr) * k : zeros.data();
+                float acc[kRowBlock][kTile];
+                tile_dot(wt, xr, k, acc);
+                for (int64_t rr = 0; rr < rows; ++rr)
+                    for (int64_t l = 0; l < kTile && t * kTile + l < n; ++l)
+                        out[(r0 + rr) * n + t * kTile + l] = float_to_bf16(acc[rr][l] * bf16_to_float(sc[t * kTile + l]));
+            }
+        }
+    });
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -322,4 +402,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_to_cache", &rope_to_cache);
     m.def("attend", &attend);
     m.def("act_mul", &act_mul);
+    m.def("pack_int8", &pack_int8);
+    m.def("int8_matmul", &int8_matmul);
 }

@@ -1,8 +1,9 @@
 // The small operations between a transformer block's matmuls, each a pass or two over its data: what
 // costs a decode step on CPU is not arithmetic but the count of tensor ops (each a dispatch, an
-// allocation and often a dtype conversion), about 150 a block in eager torch. The matmuls stay
-// torch's kernels. Every function works per row, so a row's result does not depend on what else
-// is in the batch. bf16 results are rounded to nearest even, as torch rounds them.
+// allocation and often a dtype conversion), about 150 a block in eager torch. The blocks' matmuls
+// stay torch's kernels; the LM head's int8 matmul is here too (int8_matmul: torch's reloads its
+// weights for every row). Every function works per row, so a row's result does not depend on what
+// else is in the batch. bf16 results are rounded to nearest even, as torch rounds them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)

@@ -197,8 +197,8 @@ class Block(torch.nn.Module):
 
     def _forward_native(self, h: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor, batch: KVBatch) -> torch.Tensor:
         """The same block with the operations between the matmuls in the native kernels: a handful
-        of calls instead of ~150 torch ops. RoPE, the conversions and the residual adds round as
-        the eager path does; the norms' and attention's sums are taken in another order."""
+        of calls instead of ~150 torch ops. Norms, RoPE, the conversions, the residual adds and the
+        activation round as the eager path does; decode attention sums in another order."""
         cfg, ops = self.config, self.native
         qkv = self.qkv(ops.rms_norm(h, self.attn_norm, cfg.norm_eps, True))
         qk_normed = None

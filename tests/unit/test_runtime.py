@@ -35,3 +35,19 @@ def test_native_kernels_are_chosen_only_where_they_apply():
         Runtime.pick("quant", "cpu", "fast")
     assert Runtime.pick("quant", "cpu", "eager").kernels == "eager" and Runtime.pick("quant", "cpu", "eager").native_ops is None
     assert Runtime.pick("dense", "cpu").kernels == "eager"  # auto: the reference path stays eager
+
+
+def test_without_a_compiler_auto_runs_eager_and_says_why_and_native_refuses(tmp_path):
+    """A machine with no C++ compiler (PATH without one) still serves, on the eager path."""
+    import subprocess
+    import sys
+
+    code = ("from shard_common.model.runtime import Runtime\n"
+            "print(Runtime.pick('quant', 'cpu').kernels)\n"
+            "try:\n    Runtime.pick('quant', 'cpu', 'native')\nexcept ValueError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PATH": str(tmp_path), "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "eager"
+    assert "refused: --kernels native: no c++" in out.stdout
+    assert "running eager torch ops" in out.stderr

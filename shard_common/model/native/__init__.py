@@ -1,7 +1,9 @@
-"""The native CPU kernels for the operations between a block's matmuls (``block_ops.cpp``),
-compiled on first use with the machine's C++ compiler for this CPU (``-march=native``) and
-cached under ``$TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``) in a folder
-named after the CPU's features and torch's version: about 25 s once, then a load. Where no compiler (or no ninja) is found, ``load`` says why and the blocks run eager torch.
+"""The native CPU kernels for the operations between a block's matmuls and for the LM head's
+int8 matmul (``block_ops.cpp``), compiled on first use with the machine's C++ compiler for this
+CPU (``-march=native``) and cached under ``$TORCH_EXTENSIONS_DIR`` (by default
+``~/.cache/torch_extensions``) in a folder named after the CPU's features and torch's version:
+about 25 s once, then a load. Where no compiler (or no ninja) is found, ``load`` says why and the
+model runs eager torch ops.
 
     python -m shard_common.model.native     # build now (the install script does)
 """
@@ -83,7 +85,8 @@ def load() -> ModuleType:
     started = time.monotonic()
     log.info("loading the native CPU kernels (built once on this machine, ~25 s; then cached)")
     try:
-        _loaded = build(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, build_directory=str(build_directory()), verbose=False)
+        _loaded = build(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS, build_directory=str(build_directory()),
+                        verbose=False)
     except Exception as exc:  # a compiler error, a missing header: the eager path still works
         _failure = f"building the native CPU kernels failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
         raise NativeUnavailable(_failure) from exc

@@ -100,10 +100,11 @@ def build_control(args: argparse.Namespace, identity: Identity, weights: ModelWe
 
 
 def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Tokenizer, manifest: Path, executor: Executor,
-                loop: asyncio.AbstractEventLoop, redis_url: str, own_scouts: set[str]) -> Swarm:
+                loop: asyncio.AbstractEventLoop, redis_url: str, own_scouts: set[str], runtime: Runtime) -> Swarm:
     """Trust first (the one owner of every Scout's health, and the auditors that judge Scouts),
     then the control plane and the swarm that uses both. ``own_scouts``: the peer ids of the
-    Scouts this process starts itself (--local-scouts), which are not audited."""
+    Scouts this process starts itself (--local-scouts), which are not audited. ``runtime``: where
+    the Oracle's own math runs (the audits' reference, its fallback blocks)."""
     identity = Identity.load_or_create(Path(args.data_dir) / "identity.key")
     reputation = ReputationStore(async_client(redis_url), args.redis_prefix, TrustPolicy(
         window=args.trust_window, quarantine_failures=args.quarantine_failures, ban_failures=args.ban_failures,
@@ -112,7 +113,6 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
     health = PeerHealth(reputation, HealthPolicy(probation=args.audit_probation if auditing else 0), own=own_scouts)
     auditor = traffic = None
     if auditing:
-        runtime = Runtime.pick(args.backend, args.device, args.kernels)
         reference = ReferenceModel(weights, runtime)
         verdicts = Verdicts(health, args.ticket_tolerance)
         if args.ticket_rate > 0:
@@ -124,7 +124,7 @@ def build_swarm(args: argparse.Namespace, weights: ModelWeights, tokenizer: Toke
             probation=args.audit_probation, floor=args.audit_floor, budget=args.audit_budget, reprobation=args.audit_reprobation))
     fill = None
     if args.fallback_local:
-        runtime, budget = Runtime.pick(args.backend, args.device, args.kernels), int(args.kv_budget_gb * (1 << 30))
+        budget = int(args.kv_budget_gb * (1 << 30))
 
         def fill(start: int, end: int) -> LocalHop:
             return LocalHop(Span(weights, start, end, runtime, kv_budget_bytes=budget))
@@ -184,7 +184,7 @@ def serve(args: argparse.Namespace) -> int:
                 os.environ["SHARD_SWARM_SECRET"] = args.swarm_secret
             local_scouts = LocalScouts(args.local_scouts, args.local_draft_scouts, Path(args.data_dir) / "local-scouts", extra)
         swarm = build_swarm(args, weights, tokenizer, manifest, executor, loop, redis_url,
-                            local_scouts.peer_ids if local_scouts else set()) if wants_swarm(args) else None
+                            local_scouts.peer_ids if local_scouts else set(), runtime) if wants_swarm(args) else None
         if swarm is not None:
             pipeline, drafters = swarm.pipeline, {"scout": swarm.drafter}
         else:

@@ -115,23 +115,34 @@ class KVBatch:
         return self._writes[self.pool.layers[layer][0]]
 
     def reads(self, layer: int, window: int) -> Reads:
-        key = (self.pool.layers[layer][0], window)
-        if key not in self._reads:
-            self._reads[key] = self._plan(key[0], window)
-        return self._reads[key]
+        return self._planned(self._reads, self._plan, layer, window)
 
     def row_keys(self, layer: int, window: int) -> RowKeys:
+        return self._planned(self._row_keys, self._plan_rows, layer, window)
+
+    def _planned(self, plans: dict, plan, layer: int, window: int):
+        """Planned once per kind of block (its store and window) and forward, used by every block."""
         key = (self.pool.layers[layer][0], window)
-        if key not in self._row_keys:
-            self._row_keys[key] = self._plan_rows(key[0], window)
-        return self._row_keys[key]
+        if key not in plans:
+            plans[key] = plan(key[0], window)
+        return plans[key]
+
+    @staticmethod
+    def _first(e: Entry, window: int) -> int:
+        """The first position any of the entry's rows attends: a sliding-window block sees the
+        last ``window`` positions (itself included)."""
+        return max(0, e.start + 1 - window) if window else 0
+
+    def _prefill_read(self, store: int, e: Entry, row: int, window: int) -> PrefillRead:
+        first, end = self._first(e, window), e.start + e.n
+        allowed = allowed_keys([first], [e.start], e.n, end - first, window)[0].repeat(self.group, 1)
+        return PrefillRead(row, e.n, e.cache.slots[store][first:end].to(self.device), allowed.to(self.device))
 
     def _plan_rows(self, store: int, window: int) -> RowKeys:
         rows, begin, count, runs, prefill = [], [], [], [], []
         row = taken = 0
         for e in self.entries:
-            end = e.start + e.n
-            first = max(0, end - window - e.n + 1) if window else 0
+            end, first = e.start + e.n, self._first(e, window)
             if e.n <= GROUPED_ROWS:
                 runs.append(e.cache.slots[store][first:end])
                 for i in range(e.n):
@@ -142,8 +153,7 @@ class KVBatch:
                     count.append(position + 1 - row_first)
                 taken += end - first
             else:
-                prefill.append(PrefillRead(row, e.n, e.cache.slots[store][first:end].to(self.device),
-                                           self._prefill_mask(first, e.start, end, window)))
+                prefill.append(self._prefill_read(store, e, row, window))
             row += e.n
         slots = runs[0] if len(runs) == 1 else torch.cat(runs) if runs else torch.empty(0, dtype=torch.long)
         return RowKeys(torch.tensor(rows, dtype=torch.long), slots, torch.tensor(begin, dtype=torch.long),
@@ -154,15 +164,12 @@ class KVBatch:
         prefill = []
         row = 0
         for e in self.entries:
-            end = e.start + e.n
-            # A sliding-window block sees the last ``window`` positions (itself included).
-            first = max(0, end - window - e.n + 1) if window else 0
+            end, first = e.start + e.n, self._first(e, window)
             if e.n <= GROUPED_ROWS:
                 width = padded_keys(end - first)
                 by_shape.setdefault((e.n, width), []).append((row, e, first, self._run(e.cache.pages[store], first, end, width, store)))
             else:
-                prefill.append(PrefillRead(row, e.n, e.cache.slots[store][first:end].to(self.device),
-                                           self._prefill_mask(first, e.start, end, window)))
+                prefill.append(self._prefill_read(store, e, row, window))
             row += e.n
         groups = [self._group(store, window, n, width, members) for (n, width), members in by_shape.items()]
         return Reads(groups, prefill)
@@ -192,6 +199,3 @@ class KVBatch:
         return Group(None if in_order else torch.tensor(rows, device=self.device), len(members), n, width,
                      index.flatten().to(self.device), mask.repeat(self.n_kv_heads, 1, 1).to(self.device),
                      members[0][3] if len(members) == 1 else None)
-
-    def _prefill_mask(self, first: int, start: int, end: int, window: int) -> torch.Tensor:
-        return allowed_keys([first], [start], end - start, end - first, window)[0].repeat(self.group, 1).to(self.device)

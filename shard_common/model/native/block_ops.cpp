@@ -126,8 +126,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
     return y;
 }
 
-// h + y (y fp32 or bf16), and the sum normalised for the next matmul: an add, a norm and a
-// conversion in two passes.
+// h + y (y fp32 or bf16), and the sum normalised for the next matmul.
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const at::Tensor& y, const at::Tensor& weight, double eps) {
     check_cpu(h, "h");
     check_cpu(y, "y");
@@ -147,14 +146,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const at::T
             }
         });
     });
-    const at::Tensor ms = mean_square(sum);
-    auto normed = at::empty({rows, d}, h.options().dtype(at::kBFloat16));
-    const float* w = weight.data_ptr<float>();
-    at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-            norm_row(sum.data_ptr<float>() + r * d, w, normed.data_ptr<bf16>() + r * d, d, ms.data_ptr<float>()[r], eps);
-    });
-    return {sum, normed};
+    return {sum, rms_norm(sum, weight, eps, true)};
 }
 
 // The fp32 [n_kv_heads, slots, hd] cache of block ``layer`` within a store [layers, n_kv_heads, slots, hd]
